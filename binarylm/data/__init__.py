@@ -1,0 +1,1 @@
+"""Text sources, cleaning and token shards."""
