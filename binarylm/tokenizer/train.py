@@ -37,12 +37,14 @@ log = logging.getLogger(__name__)
 NO_LINK = -1
 
 
-def count_pieces(texts: Iterable[str], pattern: str = "gpt4") -> Counter[str]:
+def count_pieces(texts: Iterable[str], pattern: str = "gpt4", progress: bool = False) -> Counter[str]:
     """How often each pre-token occurs in the stream of texts."""
     split = compile_pattern(resolve_pattern(pattern))
     counts: Counter[str] = Counter()
-    for text in texts:
-        counts.update(split.findall(text))
+    with tqdm(desc="counting pieces", unit="B", unit_scale=True, disable=not progress, leave=False) as bar:
+        for text in texts:
+            counts.update(split.findall(text))
+            bar.update(len(text))
     return counts
 
 
@@ -53,7 +55,7 @@ def check_vocab_size(vocab_size: int, special_tokens: Iterable[str]) -> int:
     if vocab_size < smallest:
         raise BinaryLMError(
             f"vocab size {vocab_size} is too small: the 256 byte tokens and {n_special} special tokens "
-            f"already need {smallest}; choose a vocab size of at least {smallest + 1}"
+            f"already need {smallest}; choose a vocab size of at least {smallest}"
         )
     return vocab_size - smallest
 
@@ -69,7 +71,7 @@ def train_bpe(
     special_tokens = list(special_tokens)
     num_merges = check_vocab_size(vocab_size, special_tokens)
     pattern = resolve_pattern(pattern)
-    piece_counts = count_pieces(texts, pattern)
+    piece_counts = count_pieces(texts, pattern, progress)
     if not piece_counts:
         raise BinaryLMError("the training corpus is empty; give at least one non-empty text file")
     merges = learn_merges(_piece_bytes(piece_counts), num_merges, progress=progress)

@@ -1,0 +1,3 @@
+from binarylm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,150 @@
+"""The `binarylm` command: one small function per verb.
+
+    binarylm tokenizer train [INPUT ...] --vocab-size 8192 --output tokenizer.json
+    binarylm tokenizer encode --tokenizer tokenizer.json "some text"
+    binarylm tokenizer decode --tokenizer tokenizer.json 1 2 3
+    binarylm tokenizer stats  --tokenizer tokenizer.json [INPUT ...]
+
+Errors caused by the input (a wrong path, a bad value) print one line that
+says what to fix, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from binarylm.errors import BinaryLMError
+
+CORPUS_HELP = "text files or directories; none (or 'stdlib') means the built-in standard-library corpus"
+
+
+def tokenizer_train(args: argparse.Namespace) -> None:
+    from binarylm.data.sources import ReadStats, text_source
+    from binarylm.tokenizer import save, train_bpe
+
+    stats = ReadStats()
+    started = time.perf_counter()
+    texts = text_source(args.inputs, split=args.split, stats=stats)
+    specials = args.special_tokens.split(",") if args.special_tokens else []
+    tokenizer = train_bpe(texts, args.vocab_size, args.pattern, specials, progress=not args.quiet)
+    save(tokenizer, args.output)
+    seconds = time.perf_counter() - started
+    print(stats.report(), file=sys.stderr)
+    print(f"trained {tokenizer.vocab_size} tokens ({len(tokenizer.merges)} merges, "
+          f"{len(tokenizer.special_tokens)} special) in {seconds:.1f} s -> {args.output}")
+
+
+def tokenizer_encode(args: argparse.Namespace) -> None:
+    from binarylm.tokenizer import open_tokenizer
+
+    tokenizer = open_tokenizer(args.tokenizer)
+    text = _text_argument(args)
+    allowed = "all" if args.allow_special else frozenset()
+    ids = tokenizer.encode(text, allowed_special=allowed)
+    if args.show:
+        print(json.dumps([tokenizer.id_to_token(i) for i in ids], ensure_ascii=False))
+    print(" ".join(map(str, ids)))
+
+
+def tokenizer_decode(args: argparse.Namespace) -> None:
+    from binarylm.tokenizer import open_tokenizer
+
+    tokenizer = open_tokenizer(args.tokenizer)
+    try:
+        ids = [int(i) for i in " ".join(args.ids).replace(",", " ").split()]
+    except ValueError:
+        raise BinaryLMError("token ids must be whole numbers separated by spaces or commas") from None
+    sys.stdout.write(tokenizer.decode(ids) + "\n")
+
+
+def tokenizer_stats(args: argparse.Namespace) -> None:
+    from binarylm.data.sources import text_source
+    from binarylm.tokenizer import cl100k_base, open_tokenizer
+
+    text = "".join(text_source(args.inputs, split=args.split))
+    n_bytes = len(text.encode("utf-8"))
+    if n_bytes == 0:
+        raise BinaryLMError("the text to measure is empty; give a non-empty file")
+    rows = [("ours", open_tokenizer(args.tokenizer))]
+    try:
+        rows.append(("cl100k_base", cl100k_base()))
+    except BinaryLMError as missing:
+        print(f"(no cl100k_base to compare with: {missing})", file=sys.stderr)
+    print(f"{'tokenizer':<14}{'vocab':>9}{'tokens':>12}{'bytes/token':>13}")
+    for label, tokenizer in rows:
+        n_tokens = len(tokenizer.encode_ordinary(text))
+        print(f"{label:<14}{tokenizer.vocab_size:>9}{n_tokens:>12}{n_bytes / max(n_tokens, 1):>13.3f}")
+
+
+def _text_argument(args: argparse.Namespace) -> str:
+    if args.file:
+        from binarylm.data.sources import text_source
+
+        return "".join(text_source([args.file]))
+    if args.text is None:
+        raise BinaryLMError("nothing to encode: give the text as an argument or use --file PATH")
+    return args.text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="binarylm", description="BinaryLM: build a language model from scratch.")
+    verbs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    tok = verbs.add_parser("tokenizer", help="train and use byte-level BPE tokenizers")
+    tok_verbs = tok.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    train = tok_verbs.add_parser("train", help="train a BPE tokenizer on text")
+    train.add_argument("inputs", nargs="*", help=CORPUS_HELP)
+    train.add_argument("--vocab-size", type=int, default=8192, help="total ids, special tokens included")
+    train.add_argument("--pattern", default="gpt4", help="split pattern: gpt4, gpt2, or a regex")
+    train.add_argument("--special-tokens", default="<|endoftext|>,<|pad|>,<|im_start|>,<|im_end|>",
+                       help="comma-separated special tokens, given the last ids")
+    train.add_argument("--split", default="train", choices=["train", "val", "all"],
+                       help="which part of the built-in corpus to use")
+    train.add_argument("--output", "-o", default="tokenizer.json", help="where to write the tokenizer")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=tokenizer_train)
+
+    tokenizer_help = "tokenizer.json, its directory, a .tiktoken file, or cl100k_base"
+    encode = tok_verbs.add_parser("encode", help="print the token ids of a text")
+    encode.add_argument("text", nargs="?", help="the text (or use --file)")
+    encode.add_argument("--file", help="encode the contents of this file")
+    encode.add_argument("--tokenizer", "-t", required=True, help=tokenizer_help)
+    encode.add_argument("--allow-special", action="store_true", help="turn special-token text into special ids")
+    encode.add_argument("--show", action="store_true", help="also print each token's text")
+    encode.set_defaults(run=tokenizer_encode)
+
+    decode = tok_verbs.add_parser("decode", help="print the text of token ids")
+    decode.add_argument("ids", nargs="+", help="token ids, separated by spaces or commas")
+    decode.add_argument("--tokenizer", "-t", required=True, help=tokenizer_help)
+    decode.set_defaults(run=tokenizer_decode)
+
+    stats = tok_verbs.add_parser("stats", help="bytes per token on a text, beside cl100k_base")
+    stats.add_argument("inputs", nargs="*", help=CORPUS_HELP)
+    stats.add_argument("--tokenizer", "-t", required=True, help=tokenizer_help)
+    stats.add_argument("--split", default="val", choices=["train", "val", "all"],
+                       help="which part of the built-in corpus to measure on")
+    stats.set_defaults(run=tokenizer_stats)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except BinaryLMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
