@@ -182,6 +182,10 @@ class Tokenizer:
         with context.Pool(workers, initializer=_set_worker_tokenizer, initargs=(self, encode_args)) as pool:
             return pool.map(_worker_encode, texts, chunksize=chunksize)
 
+    def clear_cache(self) -> None:
+        """Forget the cached ids of every piece seen so far."""
+        self._cache.clear()
+
     def _encode_plain(self, text: str) -> list[int]:
         pieces = self._split.findall(text)
         if self._checks_coverage and sum(map(len, pieces)) != len(text):

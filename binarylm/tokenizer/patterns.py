@@ -9,25 +9,32 @@ The two built-in patterns are written for the third-party `regex` engine
 what tiktoken's patterns mean. Python's own `re` engine is about three times
 faster on this kind of pattern but has no `\\p{...}` classes, so for the
 built-in patterns we spell the classes out as explicit code-point ranges,
-computed once from `regex` itself, and run them on `re`.
+computed once, and run them on `re`.
+
+Which characters are letters depends on the Unicode version. tiktoken's
+engine knows Unicode 16.0, while the `regex` module may know a newer one (17.0
+made ~9000 more code points letters). To split exactly as tiktoken does, the
+classes come from `unicodedata2` pinned at 16.0 (white space is the same in
+every version). Custom patterns run on `regex` with whatever it knows.
 
 One catch: `re` checks a class with characters beyond U+FFFF range by range,
-which is slow, so the explicit classes stop at U+FFFF. Text that has such
-"astral" characters (emoji, math letters) is split with each of them replaced
-by a stand-in from the same class (a letter for a letter, a number for a
-number, a symbol for anything else). The split only looks at which class a
-character is in, so the piece boundaries are the same, and the pieces are
-then cut from the original text. Tests check both engines agree everywhere.
+which is slow, so the explicit classes stop at U+FFFF. The few stretches of
+text that have such "astral" characters (emoji, math letters) are split with
+each of them replaced by a stand-in from the same class (a letter for a
+letter, a number for a number, a symbol for anything else). The split only
+looks at which class a character is in, so the piece boundaries are the same,
+and the pieces are then cut from the original text. Tests check that both
+engines agree everywhere.
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
 import itertools
 import re
 
 import regex
+import unicodedata2
 
 from binarylm.errors import BinaryLMError
 
@@ -91,27 +98,61 @@ class Splitter:
             self._engine = re.compile(template.format(**_bmp_classes()))
 
     def findall(self, text: str) -> list[str]:
-        astral_positions = [match.start() for match in _ASTRAL.finditer(text)]
-        if not astral_positions:
-            return self._engine.findall(text)
+        """The pieces of `text`; stretches with astral characters take the slower stand-in path."""
+        pieces: list[str] = []
+        done = 0
+        while (astral := _ASTRAL.search(text, done)) is not None:
+            begin = _safe_cut_before(text, astral.start(), done)
+            end = _safe_cut_after(text, astral.end())
+            pieces += self._engine.findall(text, done, begin)
+            pieces += self._findall_with_stand_ins(text[begin:end])
+            done = end
+        pieces += self._engine.findall(text, done)
+        return pieces
+
+    def _findall_with_stand_ins(self, text: str) -> list[str]:
         pieces = self._engine.findall(_ASTRAL.sub(_stand_in, text))
         ends = list(itertools.accumulate(map(len, pieces)))
-        for index in {bisect.bisect_right(ends, position) for position in astral_positions}:
-            pieces[index] = text[ends[index - 1] if index else 0 : ends[index]]
-        return pieces
+        return [text[start:end] for start, end in zip([0, *ends], ends)]
+
+
+# A place where both built-in patterns always end one piece and start another, so
+# splitting the text there changes nothing: a line break after a visible ASCII
+# character, with an ASCII letter next. (The pieces before it end with the line
+# break whatever follows, and no piece starts with a line break and goes on.)
+_SAFE_CUT = re.compile(r"(?<=[!-~]\n)(?=[A-Za-z])")
+
+
+def _safe_cut_after(text: str, position: int) -> int:
+    found = _SAFE_CUT.search(text, position)
+    return found.start() if found else len(text)
+
+
+def _safe_cut_before(text: str, position: int, floor: int) -> int:
+    newline = position
+    while (newline := text.rfind("\n", floor + 1, newline)) != -1:
+        if _SAFE_CUT.match(text, newline + 1):
+            return newline + 1
+    return floor
 
 
 _ASTRAL = re.compile("[\U00010000-\U0010FFFF]")
 _LETTER, _NUMBER, _SPACE, _OTHER = "\u00aa", "\u00b2", "\u2003", "\u00a7"  # ª ² em-space §
+_WHITE_SPACE = regex.compile(r"\s")  # the White_Space property, unchanged since Unicode 6
+
+
+def _unicode_class(char: str) -> str:
+    """"L" for a letter, "N" for a number, "S" for white space, "" for anything else."""
+    major = unicodedata2.category(char)[0]
+    if major in "LN":
+        return major
+    return "S" if _WHITE_SPACE.match(char) else ""
 
 
 @functools.lru_cache(maxsize=None)
 def _stand_in_for(char: str) -> str:
     """A character below U+10000 in the same class (letter, number, space, other) as `char`."""
-    for stand_in, prop in ((_LETTER, r"\p{L}"), (_NUMBER, r"\p{N}"), (_SPACE, r"\s")):
-        if regex.match(prop, char):
-            return stand_in
-    return _OTHER
+    return {"L": _LETTER, "N": _NUMBER, "S": _SPACE}.get(_unicode_class(char), _OTHER)
 
 
 def _stand_in(match: re.Match) -> str:
@@ -120,17 +161,21 @@ def _stand_in(match: re.Match) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _bmp_classes() -> dict[str, str]:
-    """`re` class bodies for `regex`'s \\p{L}, \\p{N} and \\s, over U+0000..U+FFFF."""
-    every_bmp_char = "".join(map(chr, range(0xD800))) + "".join(map(chr, range(0xE000, 0x10000)))
-    return {
-        name: _ranges(regex.finditer(prop + "+", every_bmp_char))
-        for name, prop in (("L", r"\p{L}"), ("N", r"\p{N}"), ("S", r"\s"))
-    }
+    """`re` class bodies for letters (L), numbers (N) and white space (S), over U+0000..U+FFFF."""
+    members: dict[str, list[str]] = {"L": [], "N": [], "S": []}
+    for code in [*range(0xD800), *range(0xE000, 0x10000)]:
+        char = chr(code)
+        kind = _unicode_class(char)
+        if kind:
+            members[kind].append(char)
+    return {kind: _ranges(chars) for kind, chars in members.items()}
 
 
-def _ranges(runs) -> str:
+def _ranges(chars: list[str]) -> str:
+    """Sorted characters as compact `re` ranges: "a-z" rather than 26 letters."""
     parts = []
-    for run in runs:
-        first, last = run.group()[0], run.group()[-1]
-        parts.append(re.escape(first) if first == last else f"{re.escape(first)}-{re.escape(last)}")
+    for _, run in itertools.groupby(enumerate(chars), key=lambda item: ord(item[1]) - item[0]):
+        run = [char for _, char in run]
+        first, last = re.escape(run[0]), re.escape(run[-1])
+        parts.append(first if len(run) == 1 else f"{first}-{last}")
     return "".join(parts)
