@@ -79,8 +79,8 @@ def is_builtin(pattern: str) -> bool:
     return pattern in _FAST_TEMPLATES
 
 
-@functools.lru_cache(maxsize=None)
-def compile_pattern(pattern: str) -> "Splitter":
+@functools.cache
+def compile_pattern(pattern: str) -> Splitter:
     """A splitter for `pattern`: the fast `re` form for built-ins, else plain `regex`."""
     return Splitter(pattern)
 
@@ -149,7 +149,7 @@ def _unicode_class(char: str) -> str:
     return "S" if _WHITE_SPACE.match(char) else ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stand_in_for(char: str) -> str:
     """A character below U+10000 in the same class (letter, number, space, other) as `char`."""
     return {"L": _LETTER, "N": _NUMBER, "S": _SPACE}.get(_unicode_class(char), _OTHER)
@@ -159,7 +159,7 @@ def _stand_in(match: re.Match) -> str:
     return _stand_in_for(match.group())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bmp_classes() -> dict[str, str]:
     """`re` class bodies for letters (L), numbers (N) and white space (S), over U+0000..U+FFFF."""
     members: dict[str, list[str]] = {"L": [], "N": [], "S": []}
