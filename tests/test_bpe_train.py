@@ -103,3 +103,17 @@ def test_custom_pattern_that_skips_text_is_refused():
     tok = train_bpe(["hello world"], vocab_size=270, pattern=r"\w+", special_tokens=[], progress=False)
     with pytest.raises(BinaryLMError, match="skips some characters"):
         tok.encode("hello world")
+
+
+def test_a_merge_that_rebuilds_an_existing_token_leaves_a_gap(tmp_path, caplog):
+    from binarylm.tokenizer import load, save
+
+    # "ab"+"c" and "a"+"bc" both spell "abc": the second id can never be produced.
+    merges = [(97, 98), (98, 99), (256, 99), (97, 257)]
+    with caplog.at_level(logging.WARNING):
+        tok = tokenizer_from_merges(merges, "gpt4", ["<|endoftext|>"])
+    assert "rebuilt an existing token" in caplog.text
+    assert tok.merges == merges[:3] and 259 not in tok.token_bytes
+    assert tok.encode("abc") == [258] and tok.special_tokens == {"<|endoftext|>": 260}
+    save(tok, tmp_path / "t.json")
+    assert load(tmp_path / "t.json").encode("abc xbc") == tok.encode("abc xbc")

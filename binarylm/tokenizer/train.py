@@ -97,10 +97,12 @@ def tokenizer_from_merges(
     ranks: dict[bytes, int] = {}
     for token_id, token in enumerate(token_bytes):
         ranks.setdefault(token, token_id)  # a repeated byte string keeps its first (lowest) id
-    duplicates = len(token_bytes) - len(ranks)
-    if duplicates:
-        log.warning("%d merges rebuilt an existing token; their ids are never produced", duplicates)
-        ranks = {token: i for i, token in enumerate(token_bytes) if ranks[token] == i}
+    if len(ranks) < len(token_bytes):
+        # Rare: a later merge rebuilt the bytes of an earlier token. Its id could never be
+        # produced by encoding, so it is left out (a gap in the ids) along with its merge.
+        log.warning("%d merges rebuilt an existing token; their ids are left unused",
+                    len(token_bytes) - len(ranks))
+        merges = [pair for i, pair in enumerate(merges) if ranks[token_bytes[256 + i]] == 256 + i]
     first_special = len(token_bytes)
     specials = {token: first_special + i for i, token in enumerate(special_tokens)}
     return Tokenizer(ranks, pattern, specials, merges=merges, name=name)
