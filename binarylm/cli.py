@@ -12,6 +12,7 @@ says what to fix, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import sys
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="which part of the built-in corpus to use")
     train.add_argument("--output", "-o", default="tokenizer.json", help="where to write the tokenizer")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.set_defaults(run=tokenizer_train)
+    train.set_defaults(run=tokenizer_train, command_parser=train)
 
     tokenizer_help = "tokenizer.json, its directory, a .tiktoken file, or cl100k_base"
     encode = tok_verbs.add_parser("encode", help="print the token ids of a text")
@@ -116,25 +117,37 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--tokenizer", "-t", required=True, help=tokenizer_help)
     encode.add_argument("--allow-special", action="store_true", help="turn special-token text into special ids")
     encode.add_argument("--show", action="store_true", help="also print each token's text")
-    encode.set_defaults(run=tokenizer_encode)
+    encode.set_defaults(run=tokenizer_encode, command_parser=encode)
 
     decode = tok_verbs.add_parser("decode", help="print the text of token ids")
     decode.add_argument("ids", nargs="+", help="token ids, separated by spaces or commas")
     decode.add_argument("--tokenizer", "-t", required=True, help=tokenizer_help)
-    decode.set_defaults(run=tokenizer_decode)
+    decode.set_defaults(run=tokenizer_decode, command_parser=decode)
 
     stats = tok_verbs.add_parser("stats", help="bytes per token on a text, beside cl100k_base")
     stats.add_argument("inputs", nargs="*", help=CORPUS_HELP)
     stats.add_argument("--tokenizer", "-t", required=True, help=tokenizer_help)
     stats.add_argument("--split", default="val", choices=["train", "val", "all"],
                        help="which part of the built-in corpus to measure on")
-    stats.set_defaults(run=tokenizer_stats)
+    stats.set_defaults(run=tokenizer_stats, command_parser=stats)
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, and answer a misspelt option with the closest real ones of that command."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = args.command_parser
+        known = [option for action in command._actions for option in action.option_strings]
+        close = {match for word in unknown for match in difflib.get_close_matches(word.split("=")[0], known, n=2)}
+        hint = f"; did you mean {' or '.join(sorted(close))}?" if close else f"; its options are {', '.join(known)}"
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     try:
         args.run(args)
     except BinaryLMError as error:

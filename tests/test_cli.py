@@ -70,3 +70,11 @@ def test_entry_point_help_runs():
     result = subprocess.run([sys.executable, "-m", "binarylm", "tokenizer", "train", "--help"],
                             capture_output=True, text=True, check=True)
     assert "--vocab-size" in result.stdout
+
+
+def test_misspelt_option_suggests_the_real_one(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["tokenizer", "train", "--vocab-sise", "300"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--vocab-sise" in err and "did you mean --vocab-size" in err and "binarylm tokenizer train" in err
