@@ -84,10 +84,10 @@ class Tokenizer:
         first split into two lower-ranked tokens.
         """
         if self._merges is None:
-            self._merges = [pair for pairs in self._splits_by_token(first_only=True) for pair in pairs]
+            self._merges = [pair for pairs in self.splits_by_token(first_only=True) for pair in pairs]
         return self._merges
 
-    def _splits_by_token(self, first_only: bool) -> Iterable[list[tuple[int, int]]]:
+    def splits_by_token(self, first_only: bool) -> Iterable[list[tuple[int, int]]]:
         """For each multi-byte token in rank order, its splits into two lower-ranked tokens."""
         for token, rank in sorted(self.ranks.items(), key=lambda item: item[1]):
             if len(token) < 2:

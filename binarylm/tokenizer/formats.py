@@ -235,7 +235,7 @@ def to_hf_json(tokenizer: Tokenizer) -> dict:
     id_to_bytes = {i: token for token, i in tokenizer.ranks.items()}
     merges = [
         f"{spell(id_to_bytes[left])} {spell(id_to_bytes[right])}"
-        for splits in tokenizer._splits_by_token(first_only=False)
+        for splits in tokenizer.splits_by_token(first_only=False)
         for left, right in splits
     ]
     special = [
