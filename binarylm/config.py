@@ -1,0 +1,306 @@
+"""Typed configuration: dataclasses, YAML recipes, presets and dotted overrides.
+
+A run is described by one `RunConfig` with three sections:
+
+    model:  the network's shape            (ModelConfig)
+    data:   where the tokens come from      (DataConfig)
+    train:  how the optimisation runs       (TrainConfig)
+
+A YAML recipe in configs/ sets any of these fields, and may start from a
+model preset (`model: {preset: gpt2-124m}`). On the command line any field
+can be overridden with its dotted name: `--train.lr 3e-4 --model.n_layer 4`.
+A key that does not exist or a value of the wrong type is an error that
+names the valid keys, never a silent default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from binarylm.errors import BinaryLMError
+
+
+@dataclass
+class ModelConfig:
+    """The shape of the transformer. GPT-2's own numbers are the `gpt2-*` presets."""
+
+    vocab_size: int = 8192
+    context_length: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    d_ff: int = 0  # width of the feed-forward layer; 0 means 4 * d_model
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.d_ff == 0:
+            self.d_ff = 4 * self.d_model
+
+    def validate(self) -> None:
+        if self.d_model % self.n_head:
+            raise BinaryLMError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})"
+            )
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise BinaryLMError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise BinaryLMError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+@dataclass
+class DataConfig:
+    """The corpus and how it becomes training windows."""
+
+    inputs: list[str] = field(default_factory=list)  # files / directories / .jsonl; empty = built-in corpus
+    text_field: str = "text"  # the field holding the text in JSONL inputs
+    tokenizer: str = ""  # a tokenizer.json (or cl100k_base); empty = train one for this run
+    tokenizer_vocab_size: int = 8192  # when a tokenizer is trained for the run
+    val_fraction: float = 0.05  # files held out for validation (by a hash of the path)
+    stride: int = 0  # step between training windows; 0 means context_length (no overlap)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: batch, schedule, precision, checkpoints and logging."""
+
+    out_dir: str = "runs/default"
+    seed: int = 1337
+    batch_size: int = 8  # sequences per micro-batch, per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # wall-clock budget for the loop; 0 means no budget
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # applied to matrices only, never to biases, norms or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_every: int = 100
+    eval_batches: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2  # older checkpoints are deleted; the final one is always kept
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | float32 | bfloat16 | float16
+    compile: str = "auto"  # auto | true | false; auto compiles on CUDA only (measured in RESULTS.md)
+    threads: int = 0  # CPU threads for PyTorch; 0 means leave PyTorch's default
+
+    def validate(self) -> None:
+        positive = ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "save_every",
+                    "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise BinaryLMError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise BinaryLMError(f"train.lr must be positive, got {self.lr}")
+        choices = {"dtype": ("auto", "float32", "bfloat16", "float16"), "compile": ("auto", "true", "false")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise BinaryLMError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> RunConfig:
+        self.model.validate()
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+# Model sizes from a CPU toy to GPT-2's published shapes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=2, d_model=64, context_length=64),
+    "demo": dict(n_layer=4, n_head=4, d_model=256, context_length=256),
+    "small": dict(n_layer=6, n_head=6, d_model=384, context_length=256),
+    "gpt2-124m": dict(n_layer=12, n_head=12, d_model=768, context_length=1024, vocab_size=50257),
+    "gpt2-350m": dict(n_layer=24, n_head=16, d_model=1024, context_length=1024, vocab_size=50257),
+    "gpt2-774m": dict(n_layer=36, n_head=20, d_model=1280, context_length=1024, vocab_size=50257),
+    "gpt2-1558m": dict(n_layer=48, n_head=25, d_model=1600, context_length=1024, vocab_size=50257),
+}
+
+
+def model_preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise BinaryLMError(f"unknown model preset {name!r}{_suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+# ------------------------------------------------------------------ building
+
+
+def build_config(values: dict[str, Any] | None = None, overrides: dict[str, str] | None = None) -> RunConfig:
+    """A validated RunConfig from nested values (as in YAML) plus dotted string overrides."""
+    values = {section: dict(body or {}) for section, body in (values or {}).items()}
+    for section in values:
+        if section not in SECTIONS:
+            raise BinaryLMError(
+                f"unknown config section {section!r}{_suggest(section, SECTIONS)}; sections: {', '.join(SECTIONS)}"
+            )
+    for dotted, text in (overrides or {}).items():
+        section, key = _split_dotted(dotted)
+        values.setdefault(section, {})[key] = _parse_override(SECTIONS[section], key, text, dotted)
+    model_values = values.get("model", {})
+    if "preset" in model_values:
+        model_values = {**model_preset(model_values.pop("preset")), **model_values}
+    sections = {
+        "model": _make(ModelConfig, model_values, "model"),
+        "data": _make(DataConfig, values.get("data", {}), "data"),
+        "train": _make(TrainConfig, values.get("train", {}), "train"),
+    }
+    return RunConfig(**sections).validate()
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or start from defaults) and apply dotted overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            recipes = sorted(p.name for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+            hint = f"; recipes in configs/: {', '.join(recipes)}" if recipes else ""
+            raise BinaryLMError(f"config file {path} does not exist{hint}")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise BinaryLMError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(values, dict):
+            raise BinaryLMError(f"{path} must hold a mapping with sections {', '.join(SECTIONS)}")
+    try:
+        return build_config(values, overrides)
+    except BinaryLMError as exc:
+        raise BinaryLMError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig saved with `to_dict` (as in a checkpoint's config.json)."""
+    return build_config(values)
+
+
+def _make(cls, values: dict[str, Any], section: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields:
+            raise BinaryLMError(
+                f"unknown key {section}.{key}{_suggest(key, fields)}; valid keys in {section}: {', '.join(fields)}"
+            )
+        values[key] = _check_type(value, _field_type(cls, key), f"{section}.{key}")
+    return cls(**values)
+
+
+def _field_type(cls, key: str):
+    return typing.get_type_hints(cls)[key]
+
+
+def _check_type(value: Any, expected, name: str) -> Any:
+    """`value` if it fits `expected` (ints are accepted for floats), else a clear error."""
+    origin = typing.get_origin(expected)
+    if origin is list:
+        (item_type,) = typing.get_args(expected)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise BinaryLMError(f"{name} must be a list, got {value!r}")
+        return [_check_type(item, item_type, name) for item in value]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(expected):
+            try:
+                return _check_type(value, option, name)
+            except BinaryLMError as exc:
+                errors.append(str(exc))
+        raise BinaryLMError(errors[0])
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is type(None) and value is None:
+        return None
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise BinaryLMError(f"{name} must be of type {expected.__name__}, got {value!r}")
+    return value
+
+
+def _split_dotted(dotted: str) -> tuple[str, str]:
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS or not key:
+        raise BinaryLMError(
+            f"override --{dotted} must be --SECTION.KEY with SECTION one of {', '.join(SECTIONS)} "
+            "(for example --train.lr 3e-4)"
+        )
+    return section, key
+
+
+def _parse_override(cls, key: str, text: str, dotted: str) -> Any:
+    """Turn the command-line string for `key` into the field's type."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if key == "preset" and cls is ModelConfig:
+        return text
+    if key not in fields:
+        section = dotted.partition(".")[0]
+        raise BinaryLMError(
+            f"unknown key {dotted}{_suggest(key, fields)}; valid keys in {section}: {', '.join(sorted(fields))}"
+        )
+    expected = _field_type(cls, key)
+    if typing.get_origin(expected) is list:
+        return [item for item in text.split(",") if item]
+    if expected is bool:
+        lowered = text.lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise BinaryLMError(f"--{dotted} must be true or false, got {text!r}")
+        return lowered in ("true", "1", "yes")
+    if expected in (int, float):
+        try:
+            return expected(text)
+        except ValueError:
+            raise BinaryLMError(f"--{dotted} must be a number of type {expected.__name__}, got {text!r}") from None
+    return text
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`["--train.lr", "3e-4", "--model.n_layer=4"]` -> `{"train.lr": "3e-4", "model.n_layer": "4"}`."""
+    overrides: dict[str, str] = {}
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise BinaryLMError(
+                f"unexpected argument {arg!r}: settings are given as --SECTION.KEY VALUE (for example --train.lr 3e-4)"
+            )
+        name, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if index + 1 >= len(args):
+                raise BinaryLMError(f"--{name} needs a value")
+            index += 1
+            value = args[index]
+        overrides[name] = value
+        index += 1
+    return overrides

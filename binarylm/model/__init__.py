@@ -1,0 +1,6 @@
+"""The transformer: one model class, configured by ModelConfig."""
+
+from binarylm.model.gpt import Transformer
+from binarylm.model.kv_cache import KVCache
+
+__all__ = ["KVCache", "Transformer"]

@@ -1,0 +1,1 @@
+"""Training: pretraining now; fine-tuning recipes reuse the same loop pieces."""
