@@ -1,5 +1,9 @@
 """The `binarylm` command: one small function per verb.
 
+    binarylm demo [--minutes 10]                       the whole path on built-in data, with a report
+    binarylm pretrain [--config configs/x.yaml] [--resume] [--train.lr 3e-4 ...]
+    binarylm generate --checkpoint runs/demo "def main("
+    binarylm eval --checkpoint runs/demo
     binarylm tokenizer train [INPUT ...] --vocab-size 8192 --output tokenizer.json
     binarylm tokenizer encode --tokenizer tokenizer.json "some text"
     binarylm tokenizer decode --tokenizer tokenizer.json 1 2 3
@@ -30,7 +34,7 @@ def tokenizer_train(args: argparse.Namespace) -> None:
 
     stats = ReadStats()
     started = time.perf_counter()
-    texts = text_source(args.inputs, split=args.split, stats=stats)
+    texts = text_source(args.inputs, split=_split_for(args, "train"), stats=stats)
     specials = args.special_tokens.split(",") if args.special_tokens else []
     tokenizer = train_bpe(texts, args.vocab_size, args.pattern, specials, progress=not args.quiet)
     save(tokenizer, args.output)
@@ -67,7 +71,7 @@ def tokenizer_stats(args: argparse.Namespace) -> None:
     from binarylm.data.sources import text_source
     from binarylm.tokenizer import cl100k_base, open_tokenizer
 
-    text = "".join(text_source(args.inputs, split=args.split))
+    text = "".join(text_source(args.inputs, split=_split_for(args, "val")))
     n_bytes = len(text.encode("utf-8"))
     if n_bytes == 0:
         raise BinaryLMError("the text to measure is empty; give a non-empty file")
@@ -80,6 +84,66 @@ def tokenizer_stats(args: argparse.Namespace) -> None:
     for label, tokenizer in rows:
         n_tokens = len(tokenizer.encode_ordinary(text))
         print(f"{label:<14}{tokenizer.vocab_size:>9}{n_tokens:>12}{n_bytes / max(n_tokens, 1):>13.3f}")
+
+
+def pretrain(args: argparse.Namespace) -> None:
+    from binarylm.config import parse_overrides
+    from binarylm.train.pretrain import pretrain as run_pretrain
+
+    config = _run_config(args.config, parse_overrides(args.overrides), args.resume)
+    metrics = run_pretrain(config, resume=args.resume, progress=not args.quiet)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+
+
+def _run_config(path: str | None, overrides: dict[str, str], resume: bool):
+    """The config for a run: the recipe plus overrides, or on --resume the checkpoint's own config."""
+    from binarylm.config import build_config, load_config
+
+    if not resume:
+        return load_config(path, overrides)
+    from binarylm.checkpoint import resolve_checkpoint
+
+    fresh = load_config(path, overrides)
+    saved = json.loads((resolve_checkpoint(fresh.train.out_dir) / "config.json").read_text())
+    train_overrides = {k: v for k, v in overrides.items() if k.startswith("train.")}
+    return build_config(saved, train_overrides)
+
+
+def generate(args: argparse.Namespace) -> None:
+    from binarylm.checkpoint import load_checkpoint
+    from binarylm.infer.generate import GenerationConfig
+    from binarylm.infer.generate import generate as run_generate
+
+    saved = load_checkpoint(args.checkpoint, device=args.device)
+    settings = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop_strings=args.stop or [], truncate_prompt=args.truncate_prompt,
+    )
+    sys.stdout.write(args.prompt)
+    result = run_generate(saved.model, saved.tokenizer, args.prompt, settings,
+                          on_text=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    print(f"\n[{result.finish_reason}: {len(result.token_ids)} tokens]", file=sys.stderr)
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from binarylm.eval.run import evaluate_checkpoint
+
+    figures = evaluate_checkpoint(args.checkpoint, max_tokens=args.max_tokens, device=args.device)
+    print(json.dumps(figures, indent=2))
+
+
+def demo(args: argparse.Namespace) -> None:
+    from binarylm.demo import run_demo
+
+    report = run_demo(minutes=args.minutes, out_dir=args.out_dir, progress=not args.quiet)
+    print(f"report: {report}")
+
+
+def _split_for(args: argparse.Namespace, builtin_default: str) -> str:
+    """The --split asked for; by default a part of the built-in corpus, or all of the user's files."""
+    if args.split:
+        return args.split
+    return builtin_default if not args.inputs or args.inputs == ["stdlib"] else "all"
 
 
 def _text_argument(args: argparse.Namespace) -> str:
@@ -95,6 +159,7 @@ def _text_argument(args: argparse.Namespace) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="binarylm", description="BinaryLM: build a language model from scratch.")
     verbs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_verbs(verbs)
     tok = verbs.add_parser("tokenizer", help="train and use byte-level BPE tokenizers")
     tok_verbs = tok.add_subparsers(dest="verb", required=True, metavar="VERB")
 
@@ -104,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--pattern", default="gpt4", help="split pattern: gpt4, gpt2, or a regex")
     train.add_argument("--special-tokens", default="<|endoftext|>,<|pad|>,<|im_start|>,<|im_end|>",
                        help="comma-separated special tokens, given the last ids")
-    train.add_argument("--split", default="train", choices=["train", "val", "all"],
-                       help="which part of the built-in corpus to use")
+    train.add_argument("--split", choices=["train", "val", "all"],
+                       help="which files to use (default: the built-in corpus' train part, or all given files)")
     train.add_argument("--output", "-o", default="tokenizer.json", help="where to write the tokenizer")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=tokenizer_train, command_parser=train)
@@ -127,15 +192,55 @@ def build_parser() -> argparse.ArgumentParser:
     stats = tok_verbs.add_parser("stats", help="bytes per token on a text, beside cl100k_base")
     stats.add_argument("inputs", nargs="*", help=CORPUS_HELP)
     stats.add_argument("--tokenizer", "-t", required=True, help=tokenizer_help)
-    stats.add_argument("--split", default="val", choices=["train", "val", "all"],
-                       help="which part of the built-in corpus to measure on")
+    stats.add_argument("--split", choices=["train", "val", "all"],
+                       help="which files to measure (default: the built-in corpus' val part, or all given files)")
     stats.set_defaults(run=tokenizer_stats, command_parser=stats)
     return parser
+
+
+def _add_run_verbs(verbs) -> None:
+    demo_verb = verbs.add_parser("demo", help="tokenizer, pretraining, evaluation and samples on built-in data")
+    demo_verb.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget for the whole demo")
+    demo_verb.add_argument("--out-dir", default="runs/demo", help="where the run and its report go")
+    demo_verb.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo_verb.set_defaults(run=demo, command_parser=demo_verb)
+
+    train = verbs.add_parser(
+        "pretrain", help="pretrain a model (settings: --SECTION.KEY VALUE, e.g. --train.lr 3e-4)",
+        epilog="Any config field can be set as --model.KEY, --data.KEY or --train.KEY. "
+               "Run under `torchrun --nproc-per-node N` for data-parallel training.")
+    train.add_argument("--config", help="a YAML recipe, e.g. configs/demo.yaml")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in train.out_dir from its latest checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=pretrain, command_parser=train, takes_overrides=True)
+
+    gen = verbs.add_parser("generate", help="continue a prompt with a trained model, streaming")
+    gen.add_argument("prompt", nargs="?", default="", help="the text to continue (empty: start a new document)")
+    gen.add_argument("--checkpoint", "-c", required=True, help="a run directory or one of its ckpt-* folders")
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (1: all)")
+    gen.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    gen.add_argument("--stop", action="append", help="stop when this text appears (repeatable)")
+    gen.add_argument("--truncate-prompt", choices=["error", "left"], default="error",
+                     help="what to do with a prompt longer than the context")
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(run=generate, command_parser=gen)
+
+    ev = verbs.add_parser("eval", help="held-out loss, perplexity and bits per byte, beside xz -9e")
+    ev.add_argument("--checkpoint", "-c", required=True, help="a run directory or one of its ckpt-* folders")
+    ev.add_argument("--max-tokens", type=int, default=0, help="evaluate at most this many tokens (0: all)")
+    ev.add_argument("--device", default="cpu")
+    ev.set_defaults(run=evaluate, command_parser=ev)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse, and answer a misspelt option with the closest real ones of that command."""
     args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "takes_overrides", False):
+        args.overrides, unknown = unknown, []
     if unknown:
         command = args.command_parser
         known = [option for action in command._actions for option in action.option_strings]

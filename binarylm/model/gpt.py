@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from binarylm.config import ModelConfig
+from binarylm.errors import BinaryLMError
 from binarylm.model.kv_cache import KVCache
 from binarylm.model.layers import Block, residual_init_std
 
@@ -51,8 +52,9 @@ class Transformer(nn.Module):
         B, T = ids.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.context_length:
-            raise ValueError(
-                f"sequence of {start + T} tokens is longer than the model's context of {self.config.context_length}"
+            raise BinaryLMError(
+                f"sequence of {start + T} tokens is longer than the model's context of {self.config.context_length}; "
+                "shorten the input"
             )
         positions = torch.arange(start, start + T, device=ids.device)  # (T,)
         x = self.dropout(self.token_embedding(ids) + self.position_embedding(positions))  # (B, T, C)
@@ -72,6 +74,10 @@ class Transformer(nn.Module):
         weight = self.token_embedding.weight
         return KVCache(config.n_layer, batch_size, config.n_head, max_length or config.context_length,
                        config.head_dim, device or weight.device, dtype or weight.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_embedding.weight.device
 
     # ------------------------------------------------------------- accounting
 

@@ -1,0 +1,153 @@
+"""Checkpoint directories: everything a later stage needs to use a model.
+
+    run/ckpt-000500/
+      config.json         the RunConfig that built and trained the model
+      model.safetensors   weights (safetensors, never pickle)
+      tokenizer.json      the tokenizer, self-contained
+      train_state.pt      optimizer, step, data position (only while training; weights-only load)
+      metrics.json        the latest evaluation figures
+
+A checkpoint is written into a temporary directory and renamed into place,
+so a crash mid-write never leaves a half checkpoint behind. `run/latest`
+names the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from binarylm.config import RunConfig, config_from_dict
+from binarylm.errors import BinaryLMError
+from binarylm.model import Transformer
+from binarylm.tokenizer import Tokenizer
+from binarylm.tokenizer import load as load_tokenizer
+from binarylm.tokenizer import save as save_tokenizer
+
+LATEST = "latest"
+FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+@dataclass
+class Checkpoint:
+    model: Transformer
+    tokenizer: Tokenizer
+    config: RunConfig
+    path: Path
+    metrics: dict[str, Any]
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{step:06d}"
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer,
+                    config: RunConfig, train_state: dict | None = None, metrics: dict | None = None) -> Path:
+    """Write checkpoint `step` under `run_dir` atomically and point `latest` at it."""
+    run_dir = Path(run_dir)
+    final = run_dir / checkpoint_name(step)
+    staging = run_dir / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    _write_json(staging / "config.json", config.to_dict())
+    save_model(model, str(staging / "model.safetensors"))
+    save_tokenizer(tokenizer, staging / "tokenizer.json")
+    _write_json(staging / "metrics.json", metrics or {})
+    if train_state is not None:
+        torch.save(train_state, staging / "train_state.pt")
+    _replace_directory(staging, final)
+    _write_text_atomically(run_dir / LATEST, final.name + "\n")
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from itself or from a run directory (its `latest`)."""
+    path = Path(path)
+    if not path.exists():
+        raise BinaryLMError(f"checkpoint {path} does not exist; give a run directory or one of its ckpt-* folders")
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    elif not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.glob("ckpt-*") if p.is_dir())
+        hint = f"; it holds {', '.join(found)}" if found else ""
+        raise BinaryLMError(f"{path} is neither a checkpoint nor a run directory with a '{LATEST}' file{hint}")
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        raise BinaryLMError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); use another checkpoint")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Model (in eval mode, on `device`), tokenizer and config from a checkpoint or run directory."""
+    path = resolve_checkpoint(path)
+    try:
+        config = config_from_dict(json.loads((path / "config.json").read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BinaryLMError(f"{path / 'config.json'} is corrupt ({exc}); use another checkpoint") from None
+    model = Transformer(config.model)
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise BinaryLMError(f"{path / 'model.safetensors'} cannot be read ({exc}); use another checkpoint") from None
+    if missing or unexpected:
+        raise BinaryLMError(
+            f"{path / 'model.safetensors'} does not match config.json "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); the checkpoint is inconsistent"
+        )
+    metrics_file = path / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return Checkpoint(model.to(device).eval(), load_tokenizer(path / "tokenizer.json"), config, path, metrics)
+
+
+def load_train_state(path: str | Path) -> dict:
+    """The optimizer/step/data state saved beside the weights (weights-only unpickling)."""
+    path = resolve_checkpoint(path)
+    state_file = path / "train_state.pt"
+    if not state_file.is_file():
+        raise BinaryLMError(f"{path} has no train_state.pt, so training cannot resume from it")
+    try:
+        return torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise BinaryLMError(f"{state_file} cannot be read ({type(exc).__name__}); resume from an earlier checkpoint") \
+            from None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    return sorted(p for p in Path(run_dir).glob("ckpt-*") if p.is_dir())
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (never the one `latest` names)."""
+    run_dir = Path(run_dir)
+    latest = (run_dir / LATEST).read_text().strip() if (run_dir / LATEST).is_file() else None
+    old = [p for p in list_checkpoints(run_dir)[:-keep] if p.name != latest]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _replace_directory(staging: Path, final: Path) -> None:
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)

@@ -1,0 +1,1 @@
+"""Evaluation: language-modelling metrics and baselines."""
