@@ -13,15 +13,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: torch from the index"; \
 	else $(BIN)/pip install --quiet $(TORCH); fi
-	$(BIN)/pip install --quiet -e ".[dev,interop]"
+	$(BIN)/pip install --quiet -e ".[dev,interop,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Tokenizer, shards, pretraining, evaluation against xz, samples and runs/demo/report.md.
+# The budget is wall-clock minutes for the whole job: `make demo MINUTES=3` for a quick look.
+MINUTES ?= 10
 demo: $(STAMP)
-	$(BIN)/binarylm tokenizer train --vocab-size 8192 --output runs/demo/tokenizer.json
-	$(BIN)/binarylm tokenizer stats --tokenizer runs/demo/tokenizer.json
-	$(BIN)/binarylm tokenizer encode --tokenizer runs/demo/tokenizer.json --show "def greet(name): return f'hello, {name}!'"
+	$(BIN)/binarylm demo --minutes $(MINUTES)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

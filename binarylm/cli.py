@@ -103,10 +103,15 @@ def _run_config(path: str | None, overrides: dict[str, str], resume: bool):
         return load_config(path, overrides)
     from binarylm.checkpoint import resolve_checkpoint
 
+    fixed = sorted(k for k in overrides if not k.startswith("train."))
+    if fixed:
+        raise BinaryLMError(
+            f"--resume continues the saved run, whose model and data settings cannot change ({', '.join(fixed)}); "
+            "drop those options, or start a new run in another --train.out_dir"
+        )
     fresh = load_config(path, overrides)
     saved = json.loads((resolve_checkpoint(fresh.train.out_dir) / "config.json").read_text())
-    train_overrides = {k: v for k, v in overrides.items() if k.startswith("train.")}
-    return build_config(saved, train_overrides)
+    return build_config(saved, overrides)
 
 
 def generate(args: argparse.Namespace) -> None:

@@ -104,3 +104,74 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(corpus, 
     a = checkpoint.load_checkpoint(tmp_path / "one").model.state_dict()
     b = checkpoint.load_checkpoint(two_dir).model.state_dict()
     assert all(torch.allclose(a[name], b[name], atol=1e-5) for name in a)
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    pretrain(load_config(None, tiny_overrides(corpus, run_dir, train__max_steps=30)), progress=False)
+    return run_dir
+
+
+def test_eval_reports_bits_per_byte_beside_xz(trained_run):
+    from binarylm.eval.run import evaluate_checkpoint
+
+    figures = evaluate_checkpoint(trained_run, max_tokens=2048)
+    assert 0 < figures["bits_per_byte"] < 8 and 0 < figures["xz_bits_per_byte"] < 8
+    assert figures["beats_xz"] == (figures["bits_per_byte"] < figures["xz_bits_per_byte"])
+    assert figures["tokens"] >= 2048 - 32 * 8 and figures["bytes"] > figures["tokens"]
+    assert json.loads((trained_run / "ckpt-000030" / "eval.json").read_text())["tokens"] == figures["tokens"]
+
+
+def test_xz_baseline_is_what_xz_gives():
+    from binarylm.eval.lm import xz_bits_per_byte
+
+    assert xz_bits_per_byte(b"a" * 100_000) < 0.05
+    assert 7.9 < xz_bits_per_byte(os.urandom(50_000)) < 8.2
+
+
+def test_report_has_figures_samples_and_plot(trained_run):
+    from binarylm.eval.report import write_report
+
+    evaluation = {"bits_per_byte": 2.5, "xz_bits_per_byte": 1.5, "loss": 3.0, "perplexity": 20.1,
+                  "tokens": 1000, "bytes": 3000}
+    report = write_report(trained_run, "Test run", {"model": "tiny"}, evaluation, [("def ", "f(x):\n")])
+    text = report.read_text()
+    assert "does not beat `xz -9e`" in text and "**2.5000**" in text and "def f(x):" in text
+    assert (trained_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_generate_command_streams_a_completion(trained_run, capsys):
+    from binarylm.cli import main
+
+    assert main(["generate", "--checkpoint", str(trained_run), "def ", "--max-new-tokens", "10", "--seed", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def ") and "tokens]" in captured.err
+    long_prompt = "x = 1\n" * 200
+    assert main(["generate", "--checkpoint", str(trained_run), long_prompt]) == 2
+    assert "--truncate-prompt left" in capsys.readouterr().err
+
+
+def test_cli_errors_for_missing_corpus_checkpoint_and_typos(tmp_path, capsys):
+    from binarylm.cli import main
+
+    assert main(["pretrain", "--data.inputs", str(tmp_path / "nope"), "--train.out_dir", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["pretrain", "--train.max_step", "3"]) == 2
+    assert "did you mean 'max_steps'" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(tmp_path / "missing"), "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["pretrain", "--data.inputs", str(empty), "--train.out_dir", str(tmp_path / "r2")]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert not (tmp_path / "r2" / "latest").exists()
+
+
+def test_tensorboard_reads_our_event_files(trained_run):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    accumulator = event_accumulator.EventAccumulator(str(trained_run / "tensorboard"))
+    accumulator.Reload()
+    assert {"train/loss", "train/lr", "val/bits_per_byte"} <= set(accumulator.Tags()["scalars"])
+    losses = {event.step: event.value for event in accumulator.Scalars("train/loss")}
+    assert losses[1] == pytest.approx(train_losses(trained_run)[1], rel=1e-6)
