@@ -51,11 +51,13 @@ def build_ours(args) -> Transformer:
 
 
 def build_hf(args, attn_implementation: str | None):
+    """GPT2LMHeadModel of the same shape; `args.hf_activation` is "gelu_new" (GPT-2's tanh GELU, written as
+    separate tensor ops) unless overridden, e.g. by "gelu_pytorch_tanh" (the same function in one fused op)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
         vocab_size=args.vocab, n_positions=args.context, n_embd=args.d_model, n_layer=args.layers,
-        n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new",
+        n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function=args.hf_activation,
         layer_norm_epsilon=1e-5, tie_word_embeddings=True,
         # GPT-2's special ids (50256) lie outside a small vocabulary; they play no part in training.
         bos_token_id=None, eos_token_id=None,
@@ -106,24 +108,27 @@ def check_parity(ours: Transformer, hf, batch: torch.Tensor, name: str) -> dict:
     ids = batch[:, :-1]
     targets = batch[:, 1:].clone()
     targets[:, -1] = -100
+    with torch.no_grad():  # logits from a call without targets: a model may skip them when it has targets
+        logits_ours = ours(ids)[0]
+        logits_hf = hf(input_ids=ids, use_cache=False).logits
     for m in (ours, hf):
         m.zero_grad(set_to_none=True)
-    logits_ours, loss_o = ours(ids, targets)
-    out = hf(input_ids=ids, labels=ids, use_cache=False)
+    loss_o = ours(ids, targets)[1]
+    loss_h = hf(input_ids=ids, labels=ids, use_cache=False).loss
     loss_o.backward()
-    out.loss.backward()
+    loss_h.backward()
     grad_ours = torch.nn.utils.get_total_norm([p.grad for p in ours.parameters()]).item()
     grad_hf = torch.nn.utils.get_total_norm([p.grad for p in hf.parameters()]).item()
     for m in (ours, hf):
         m.zero_grad(set_to_none=True)
-    logit_diff = (logits_ours - out.logits).abs().max().item()
-    loss_diff = abs(loss_o.item() - out.loss.item())
-    print(f"parity vs {name}: loss ours {loss_o.item():.6f}  HF {out.loss.item():.6f}  |diff| {loss_diff:.2e};"
+    logit_diff = (logits_ours - logits_hf).abs().max().item()
+    loss_diff = abs(loss_o.item() - loss_h.item())
+    print(f"parity vs {name}: loss ours {loss_o.item():.6f}  HF {loss_h.item():.6f}  |diff| {loss_diff:.2e};"
           f"  max |logit diff| {logit_diff:.2e};  grad norm ours {grad_ours:.6f}  HF {grad_hf:.6f}")
     assert loss_diff < 1e-4, f"losses differ by {loss_diff} (> 1e-4): the models are not the same function"
     assert logit_diff < 1e-3, f"logits differ by up to {logit_diff}"
     assert abs(grad_ours - grad_hf) < 1e-3 * max(1.0, grad_hf), f"gradient norms differ: {grad_ours} vs {grad_hf}"
-    return {"loss_ours": loss_o.item(), "loss_hf": out.loss.item(), "loss_abs_diff": loss_diff,
+    return {"loss_ours": loss_o.item(), "loss_hf": loss_h.item(), "loss_abs_diff": loss_diff,
             "max_logit_abs_diff": logit_diff, "grad_norm_ours": grad_ours, "grad_norm_hf": grad_hf}
 
 
@@ -218,6 +223,21 @@ def profile_step(c: Contestant, batch: torch.Tensor, clip: float, rows: int) -> 
 # ------------------------------------------------------------------ main
 
 
+def tune_malloc() -> bool:
+    """Ask glibc to serve every allocation from the heap and never give it back (M_MMAP_MAX = 0,
+    M_TRIM_THRESHOLD = max). On CPU, PyTorch allocates each tensor with malloc; a large one otherwise
+    gets fresh pages from the kernel each step, which are zeroed and faulted in one by one."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -247,6 +267,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batches", type=int, default=8, help="distinct random batches, cycled")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n for the peak fp32 matmul measurement")
+    parser.add_argument("--hf-activation", default="gelu_new", choices=("gelu_new", "gelu_pytorch_tanh"),
+                        help="HF's name for the tanh GELU: gelu_new (GPT-2's, the default) or gelu_pytorch_tanh")
+    parser.add_argument("--malloc-tune", action="store_true",
+                        help="glibc only: keep freed memory in the heap (no mmap, no trim) so that large tensors "
+                             "do not page-fault on every step; applies to every contestant alike")
     parser.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of one step each")
     parser.add_argument("--profile-rows", type=int, default=25)
@@ -254,6 +279,7 @@ def main() -> None:
 
     import transformers
 
+    malloc_tuned = tune_malloc() if args.malloc_tune else False
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     train_config = TrainConfig()
@@ -277,6 +303,7 @@ def main() -> None:
     print(f"model: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, context {args.context}, "
           f"vocab {args.vocab}, batch {args.batch} ({tokens_per_step} tokens/step), fp32, dropout 0, "
           f"{base.num_parameters():,} parameters")
+    print(f"HF activation_function={args.hf_activation}; malloc tuned: {malloc_tuned if args.malloc_tune else 'no'}")
 
     parity = {}
     for impl, hf in hf_models.items():
@@ -374,7 +401,8 @@ def main() -> None:
         "config": {"n_layer": args.layers, "d_model": args.d_model, "n_head": args.heads, "context": args.context,
                    "batch": args.batch, "vocab": args.vocab, "dtype": "float32", "parameters": base.num_parameters()},
         "rounds": args.rounds, "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "hf_default_attn": default_impl, "optimizer_fused": fused,
+        "hf_default_attn": default_impl, "hf_activation": args.hf_activation, "optimizer_fused": fused,
+        "malloc_tuned": malloc_tuned,
         "parity": parity,
         "flops_per_token": flops_per_token, "peak_matmul_flops": peak, "peak_matmul_flops_before": peak_before,
         "peak_matmul_flops_after": peak_after, "interleave": args.interleave,

@@ -10,7 +10,6 @@ a fair baseline: a model that cannot beat it has not learned much.
 
 from __future__ import annotations
 
-import contextlib
 import lzma
 import math
 from collections.abc import Iterable
@@ -20,23 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from binarylm.tokenizer import Tokenizer
-
-
-@torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                  device: torch.device, autocast=contextlib.nullcontext) -> dict[str, float]:
-    """Mean cross-entropy (nats per token) and perplexity over `batches`."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        with autocast():
-            _, loss = model(x.to(device), y.to(device))
-        total += loss.item() * y.numel()
-        count += y.numel()
-    model.train(was_training)
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
 @torch.no_grad()
