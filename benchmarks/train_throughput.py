@@ -15,8 +15,12 @@ MFU (model FLOPs utilisation) = tokens/s * flops_per_token / peak, where peak is
 measured fp32 matmul rate (square `a @ b`, best of several, same thread count).
 
     python benchmarks/train_throughput.py [--threads 2] [--rounds 3] [--warmup 3] [--steps 10]
-                                          [--compile] [--profile]
+                                          [--compile] [--profile] [--hf-activation gelu_pytorch_tanh]
+                                          [--malloc-tune] [--interleave step]
 
+Both see T = context positions per sequence: ours gets ids[:, :-1] with targets ids[:, 1:] from a
+(B, T + 1) batch; HF gets the same ids as input and labels (it shifts them inside, so it scores
+T - 1 positions; a difference of one row in the loss, nothing in the model's work).
 The last line printed is JSON with every figure.
 """
 
@@ -98,6 +102,11 @@ def loss_hf(model, batch: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------ parity
 
 
+def grad_norm(model: nn.Module) -> float:
+    norms = [p.grad.norm() for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item()
+
+
 def check_parity(ours: Transformer, hf, batch: torch.Tensor, name: str) -> dict:
     """Same logits, same loss and same gradient norm on one batch, or an AssertionError.
 
@@ -117,8 +126,7 @@ def check_parity(ours: Transformer, hf, batch: torch.Tensor, name: str) -> dict:
     loss_h = hf(input_ids=ids, labels=ids, use_cache=False).loss
     loss_o.backward()
     loss_h.backward()
-    grad_ours = torch.nn.utils.get_total_norm([p.grad for p in ours.parameters()]).item()
-    grad_hf = torch.nn.utils.get_total_norm([p.grad for p in hf.parameters()]).item()
+    grad_ours, grad_hf = grad_norm(ours), grad_norm(hf)
     for m in (ours, hf):
         m.zero_grad(set_to_none=True)
     logit_diff = (logits_ours - logits_hf).abs().max().item()
@@ -263,7 +271,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--interleave", choices=("round", "step"), default="round",
                         help="round: each contestant's timed steps run as a block per round (ours, HF, ours, HF, ...);"
-                             " step: timed steps alternate one by one, which shares bursty machine noise more evenly")
+                             " step: timed steps alternate one by one (finer sharing of machine noise, but each model "
+                             "then starts from the caches and heap the other left)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batches", type=int, default=8, help="distinct random batches, cycled")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n for the peak fp32 matmul measurement")
@@ -392,7 +401,7 @@ def main() -> None:
     print(f"headline ours/HF (default attention = {default_impl}): {headline:.3f}x (target >= 1.15x)")
     if noisy:
         print(f"warning: noisy timings (slowest step > 1.5x the fastest) for {', '.join(noisy)}: other work was "
-              "probably running on the machine; re-run, or try --interleave step / more --rounds")
+              "probably running on the machine; re-run, or use more --rounds")
 
     print(json.dumps({
         "benchmark": "train_throughput",

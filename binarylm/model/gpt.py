@@ -15,6 +15,7 @@ from binarylm.config import ModelConfig
 from binarylm.errors import BinaryLMError
 from binarylm.model.kv_cache import KVCache
 from binarylm.model.layers import Block, residual_init_std
+from binarylm.model.losses import linear_cross_entropy
 
 
 class Transformer(nn.Module):
@@ -43,10 +44,13 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) for ids (B, T); with targets (B, T), also the mean cross-entropy.
+        self, ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits (B, T, V), None) for ids (B, T); with targets (B, T), (None, mean cross-entropy).
 
+        With targets the head and the loss run fused (model/losses.py), never holding the
+        (B, T, V) logits; `return_logits=True` computes them as well, the plain way.
         With a cache, `ids` continue the sequence already stored in it.
         """
         B, T = ids.shape
@@ -62,9 +66,11 @@ class Transformer(nn.Module):
             x = block(x, cache, layer)
         if cache is not None:
             cache.advance(T)
-        x = self.final_norm(x)
+        x = self.final_norm(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x), None
+        if not return_logits:
+            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
