@@ -143,6 +143,11 @@ def _loop(run: Run, progress: bool) -> dict:
     tokens_per_step = run.loader.tokens_per_batch * train.grad_accum
     monitor = Monitor(run.run_dir, train.max_steps, run.step, enabled=run.group.is_main, progress=progress)
     autocast = autocast_context(run.group.device, train.dtype)
+    monitor.message(
+        f"model {run.model.num_parameters() / 1e6:.2f}M parameters, {run.model.flops_per_token() / 1e6:.1f} "
+        f"MFLOP/token (training); {tokens_per_step:,} tokens per step on {run.group.world_size} process(es), "
+        f"{run.group.device}; steps {run.step} -> {train.max_steps}"
+    )
     started = time.perf_counter()
     metrics: dict = {}
     window_started, window_steps = time.perf_counter(), 0
