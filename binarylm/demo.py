@@ -101,7 +101,8 @@ def _facts(saved, metrics: dict, train_shards, started: float) -> dict[str, str]
         "training": f"{metrics['step']} steps, {metrics['tokens_seen']:,} tokens in {seconds / 60:.1f} min "
                     f"({metrics['tokens_seen'] / seconds:,.0f} tokens/s, "
                     f"{model.flops_per_token() / 1e6:.1f} MFLOP/token)",
-        "final validation loss": f"{metrics['val_loss']:.4f} nats/token",
+        "validation loss in training": f"{metrics['val_loss']:.4f} nats/token (on the first "
+                                       f"{config.train.eval_batches * config.train.batch_size} held-out windows only)",
         "total demo time": f"{(time.perf_counter() - started) / 60:.1f} min",
         "checkpoint": str(saved.path),
     }
