@@ -95,9 +95,10 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(corpus, 
     args = [f"--{key}={value}" for key, value in {**common, "train.batch_size": "2",
                                                   "train.out_dir": str(two_dir)}.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-                    "-m", "binarylm", "pretrain", "--quiet", *args], check=True, env=env, cwd=tmp_path,
-                   capture_output=True, timeout=240)
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "binarylm", "pretrain", "--quiet", *args],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert launched.returncode == 0, launched.stderr[-4000:]
     single, double = train_losses(tmp_path / "one"), train_losses(two_dir)
     assert list(single) == list(double) == list(range(1, 7))
     assert all(abs(single[s] - double[s]) < 1e-4 for s in single)

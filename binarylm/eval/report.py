@@ -22,8 +22,7 @@ def plot_loss_curve(run_dir: Path, path: Path) -> bool:
         return False
     records = read_metrics(run_dir)
     train = [(r["tokens"], r["loss"]) for r in records if r["split"] == "train"]
-    tokens_at = {r["step"]: r["tokens"] for r in records if r["split"] == "train"}
-    val = [(tokens_at.get(r["step"], 0), r["loss"]) for r in records if r["split"] == "val"]
+    val = [(r["tokens"], r["loss"]) for r in records if r["split"] == "val"]
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
     axes.plot(*zip(*train), label="train", linewidth=1.2)
     if val:

@@ -56,7 +56,10 @@ def pretrain(config: RunConfig, resume: bool = False, progress: bool = True) -> 
     group = distributed.setup(config.train.device)
     try:
         run = _build(config, group, resume, progress)
-        return _loop(run, progress)
+        metrics = _loop(run, progress)
+        if group.enabled:
+            torch.distributed.barrier()  # rank 0 may still be writing the last checkpoint
+        return metrics
     finally:
         distributed.teardown()
 
@@ -222,7 +225,7 @@ def _validate(run: Run, monitor: Monitor, autocast) -> dict:
     loss = nats / tokens
     figures = {"loss": loss, "perplexity": float(torch.tensor(loss).exp()),
                "bits_per_byte": nats / 0.6931471805599453 / n_bytes}
-    monitor.log(run.step, "val", figures)
+    monitor.log(run.step, "val", {**figures, "tokens": run.tokens_seen})
     monitor.message(f"step {run.step}: val loss {loss:.4f}, bits/byte {figures['bits_per_byte']:.4f}")
     return {f"val_{name}": value for name, value in figures.items()}
 
