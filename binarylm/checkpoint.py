@@ -27,6 +27,7 @@ from safetensors.torch import load_model, save_model
 
 from binarylm.config import RunConfig, config_from_dict
 from binarylm.errors import BinaryLMError
+from binarylm.files import write_atomically, write_json_atomically
 from binarylm.model import Transformer
 from binarylm.tokenizer import Tokenizer
 from binarylm.tokenizer import load as load_tokenizer
@@ -57,14 +58,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, toke
     staging = run_dir / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    _write_json(staging / "config.json", config.to_dict())
+    write_json_atomically(staging / "config.json", config.to_dict())
     save_model(model, str(staging / "model.safetensors"))
     save_tokenizer(tokenizer, staging / "tokenizer.json")
-    _write_json(staging / "metrics.json", metrics or {})
+    write_json_atomically(staging / "metrics.json", metrics or {})
     if train_state is not None:
         torch.save(train_state, staging / "train_state.pt")
     _replace_directory(staging, final)
-    _write_text_atomically(run_dir / LATEST, final.name + "\n")
+    write_atomically(run_dir / LATEST, (final.name + "\n").encode())
     return final
 
 
@@ -141,13 +142,3 @@ def _replace_directory(staging: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(staging, final)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(text)
-    os.replace(temporary, path)

@@ -15,6 +15,7 @@ from binarylm.config import DataConfig
 from binarylm.data.shards import TokenShards, prepare_shards
 from binarylm.data.sources import ReadStats, text_source
 from binarylm.errors import BinaryLMError
+from binarylm.files import write_json_atomically
 from binarylm.tokenizer import Tokenizer, load, open_tokenizer, save, train_bpe
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def prepare_corpus(data: DataConfig, data_dir: str | Path, progress: bool = True
     prepare_shards(tokenizer, val_texts, data_dir, "val", progress=progress)
     if stats.invalid_utf8_files:
         log.warning(stats.report())
-    record_path.write_text(json.dumps(wanted, indent=2) + "\n")
+    write_json_atomically(record_path, wanted)
     return tokenizer, TokenShards.open(data_dir, "train"), TokenShards.open(data_dir, "val")
 
 

@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from binarylm.errors import BinaryLMError
+from binarylm.files import write_json_atomically
 from binarylm.tokenizer.core import Tokenizer
 
 MAGIC = b"BLMTOKS1"
@@ -115,7 +116,7 @@ def prepare_shards(
         "tokenizer": tokenizer.name,
         "header_version": HEADER_VERSION,
     }
-    _write_json_atomic(meta_path, meta)
+    write_json_atomically(meta_path, meta)
     _remove_stale_shards(out_dir, split, keep=writer.names)
     return meta
 
@@ -212,12 +213,6 @@ class _ShardWriter:
 
     def _header(self, num_tokens: int) -> bytes:
         return HEADER.pack(MAGIC, HEADER_VERSION, self.dtype.itemsize, num_tokens, self.vocab_size)
-
-
-def _write_json_atomic(path: Path, value: dict) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
-    os.replace(temp, path)
 
 
 def _remove_stale_shards(out_dir: Path, split: str, keep: list[str]) -> None:

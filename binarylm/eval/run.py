@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from binarylm.checkpoint import load_checkpoint
 from binarylm.data.shards import TokenShards, WindowLoader
 from binarylm.errors import BinaryLMError
 from binarylm.eval.lm import bits_per_byte, xz_bits_per_byte
+from binarylm.files import write_json_atomically
 
 EVAL_BATCH = 8
 
@@ -22,7 +22,7 @@ def evaluate_checkpoint(path: str | Path, max_tokens: int = 0, device: str = "cp
     val = _validation_shards(saved.path)
     figures = evaluate_held_out(saved.model, saved.tokenizer, val, max_tokens, torch.device(device))
     figures["checkpoint"] = str(saved.path)
-    (saved.path / "eval.json").write_text(json.dumps(figures, indent=2) + "\n")
+    write_json_atomically(saved.path / "eval.json", figures)
     return figures
 
 

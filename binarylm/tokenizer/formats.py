@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 from binarylm.errors import BinaryLMError
+from binarylm.files import write_atomically
 from binarylm.tokenizer.core import ENDOFTEXT, Tokenizer
 from binarylm.tokenizer.patterns import GPT2_PATTERN, GPT4_PATTERN, PATTERNS
 
@@ -82,7 +83,7 @@ def save(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
     }
     head = json.dumps(header, indent=2, ensure_ascii=False)[:-2]  # reopen the object
     text = head + ',\n  "vocab": [\n    ' + ",\n    ".join(lines) + "\n  ]\n}\n"
-    _write_atomically(Path(path), text.encode("utf-8"))
+    write_atomically(Path(path), text.encode("utf-8"))
 
 
 def load(path: str | os.PathLike) -> Tokenizer:
@@ -142,17 +143,6 @@ def _pattern_name(pattern: str) -> str | None:
     return next((name for name, text in PATTERNS.items() if text == pattern), None)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 # ------------------------------------------------------------------ tiktoken
 
 
@@ -206,7 +196,7 @@ def save_tiktoken(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
         base64.b64encode(token) + b" " + str(rank).encode()
         for token, rank in sorted(tokenizer.ranks.items(), key=lambda item: item[1])
     )
-    _write_atomically(Path(path), b"\n".join(lines) + b"\n")
+    write_atomically(Path(path), b"\n".join(lines) + b"\n")
 
 
 # -------------------------------------------------------------- Hugging Face
@@ -267,7 +257,7 @@ def to_hf_json(tokenizer: Tokenizer) -> dict:
 def save_hf(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
     """Write a Hugging Face tokenizer.json that `tokenizers.Tokenizer.from_file` loads."""
     text = json.dumps(to_hf_json(tokenizer), ensure_ascii=False, indent=1)
-    _write_atomically(Path(path), text.encode("utf-8"))
+    write_atomically(Path(path), text.encode("utf-8"))
 
 
 # ------------------------------------------------------------------- any of them
