@@ -30,37 +30,84 @@ from binarylm.errors import BinaryLMError
 
 @dataclass
 class ModelConfig:
-    """The shape of the transformer. GPT-2's own numbers are the `gpt2-*` presets."""
+    """The shape of the transformer: one model class, many architectures.
+
+    The defaults are GPT-2's layout (LayerNorm, GELU MLP, learned positions, biases, tied head);
+    the `llama-*` presets switch to RMSNorm, SwiGLU, rotary positions, grouped-query attention and
+    no biases. Every option is a field here, never a second model class.
+    """
 
     vocab_size: int = 8192
     context_length: int = 256
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 256
-    d_ff: int = 0  # width of the feed-forward layer; 0 means 4 * d_model
+    d_ff: int = 0  # width of the feed-forward layer; 0 means 4 * d_model (gelu) or ~8/3 * d_model (swiglu)
     dropout: float = 0.0
-    bias: bool = True
-    tie_embeddings: bool = True
+    bias: bool = True  # biases in the linear layers and LayerNorms
+    tie_embeddings: bool = True  # the output head shares the token embedding's weights
     norm_eps: float = 1e-5
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu (GPT-2) | swiglu (Llama)
+    position: str = "learned"  # learned | sinusoidal | rope
+    rope_base: float = 10000.0  # RoPE's theta: wavelengths run from 2*pi to about 2*pi*base
+    rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this factor
+    n_kv_heads: int = 0  # key/value heads; 0 means n_head (multi-head), 1 is multi-query, between is grouped
+    sliding_window: int = 0  # each token attends to at most this many keys (itself included); 0 means all
+    n_experts: int = 0  # mixture-of-experts feed-forward with this many experts; 0 means one dense MLP
+    n_experts_active: int = 2  # experts each token is routed to (top-k)
+    moe_aux_weight: float = 0.01  # weight of the load-balancing loss added to the training loss
 
     def __post_init__(self) -> None:
         if self.d_ff == 0:
-            self.d_ff = 4 * self.d_model
+            self.d_ff = 4 * self.d_model if self.mlp == "gelu" else _multiple_of(8 * self.d_model // 3, 64)
+        if self.n_kv_heads == 0:
+            self.n_kv_heads = self.n_head
 
     def validate(self) -> None:
+        for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model", "d_ff", "n_kv_heads"):
+            if getattr(self, name) <= 0:
+                raise BinaryLMError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_head:
             raise BinaryLMError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})"
             )
-        for name in ("vocab_size", "context_length", "n_layer", "n_head", "d_model", "d_ff"):
-            if getattr(self, name) <= 0:
-                raise BinaryLMError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_head % self.n_kv_heads:
+            raise BinaryLMError(
+                f"model.n_head ({self.n_head}) must be divisible by model.n_kv_heads ({self.n_kv_heads}): "
+                "each key/value head serves an equal group of query heads"
+            )
+        choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+                   "position": ("learned", "sinusoidal", "rope")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise BinaryLMError(f"model.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.position == "rope" and self.head_dim % 2:
+            raise BinaryLMError(f"rotary positions need an even head size; d_model / n_head is {self.head_dim}")
+        if self.rope_base <= 0 or self.rope_scaling <= 0:
+            raise BinaryLMError("model.rope_base and model.rope_scaling must be positive")
+        if self.sliding_window < 0:
+            raise BinaryLMError(f"model.sliding_window must be 0 (off) or positive, got {self.sliding_window}")
+        if self.n_experts < 0 or (self.n_experts and not 1 <= self.n_experts_active <= self.n_experts):
+            raise BinaryLMError(
+                f"model.n_experts_active ({self.n_experts_active}) must be between 1 and model.n_experts "
+                f"({self.n_experts})"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise BinaryLMError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def attention_span(self) -> int:
+        """The most keys one query attends to."""
+        return min(self.sliding_window or self.context_length, self.context_length)
+
+
+def _multiple_of(value: int, step: int) -> int:
+    return step * ((value + step - 1) // step)
 
 
 @dataclass
@@ -144,6 +191,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-774m": dict(n_layer=36, n_head=20, d_model=1280, context_length=1024, vocab_size=50257),
     "gpt2-1558m": dict(n_layer=48, n_head=25, d_model=1600, context_length=1024, vocab_size=50257),
 }
+
+# The Llama recipe: RMSNorm, SwiGLU, rotary positions, grouped-query attention, no biases.
+LLAMA = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False, norm_eps=1e-5)
+PRESETS.update({
+    "llama-tiny": dict(LLAMA, n_layer=2, n_head=4, n_kv_heads=2, d_model=64, context_length=64),
+    "llama-small": dict(LLAMA, n_layer=6, n_head=6, n_kv_heads=2, d_model=384, context_length=256),
+    "llama-125m": dict(LLAMA, n_layer=12, n_head=12, n_kv_heads=4, d_model=768, context_length=2048,
+                       vocab_size=32000, tie_embeddings=False),
+    "llama-350m": dict(LLAMA, n_layer=24, n_head=16, n_kv_heads=4, d_model=1024, context_length=2048,
+                       vocab_size=32000, tie_embeddings=False),
+    # The shape of Llama 3.2 1B.
+    "llama-1b": dict(LLAMA, n_layer=16, n_head=32, n_kv_heads=8, d_model=2048, d_ff=8192, context_length=8192,
+                     vocab_size=128256, rope_base=500000.0),
+})
 
 
 def model_preset(name: str) -> dict[str, Any]:

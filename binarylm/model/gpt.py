@@ -1,8 +1,10 @@
-"""The decoder-only transformer (GPT-2 layout).
+"""The decoder-only transformer: GPT-2 by default, Llama and friends by configuration.
 
-    ids (B, T) -> token embedding + position embedding -> n_layer x Block -> LayerNorm -> logits (B, T, V)
+    ids (B, T) -> token embedding (+ learned or sinusoidal positions) -> n_layer x Block -> norm -> logits (B, T, V)
 
-The output head shares its weights with the token embedding (tied), as GPT-2.
+With rotary positions nothing is added at the bottom; queries and keys are rotated
+inside each attention layer instead. The output head shares its weights with the
+token embedding unless `tie_embeddings` is off.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from torch import nn
 from binarylm.config import ModelConfig
 from binarylm.errors import BinaryLMError
 from binarylm.model.kv_cache import KVCache
-from binarylm.model.layers import Block, residual_init_std
+from binarylm.model.layers import Block, make_norm, residual_init_std
 from binarylm.model.losses import linear_cross_entropy
+from binarylm.model.moe import MixtureOfExperts
+from binarylm.model.positions import rotary_tables, sinusoidal_positions
 
 
 class Transformer(nn.Module):
@@ -24,10 +28,11 @@ class Transformer(nn.Module):
         config.validate()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
-        self.position_embedding = nn.Embedding(config.context_length, config.d_model)
+        if config.position == "learned":
+            self.position_embedding = nn.Embedding(config.context_length, config.d_model)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.final_norm = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
@@ -61,25 +66,51 @@ class Transformer(nn.Module):
                 "shorten the input"
             )
         positions = torch.arange(start, start + T, device=ids.device)  # (T,)
-        x = self.dropout(self.token_embedding(ids) + self.position_embedding(positions))  # (B, T, C)
+        x = self.dropout(self._embed(ids, positions))  # (B, T, C)
+        rotary = rotary_tables(positions, self.config) if self.config.position == "rope" else None
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            x = block(x, rotary, cache, layer)
         if cache is not None:
             cache.advance(T)
         x = self.final_norm(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x), None
         if not return_logits:
-            return None, linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+            loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+            return None, self._with_balancing_loss(loss)
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
-        return logits, loss
+        return logits, self._with_balancing_loss(loss)
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T, C): token embeddings plus, for absolute position schemes, the positions' vectors."""
+        x = self.token_embedding(ids)
+        if self.config.position == "learned":
+            return x + self.position_embedding(positions)
+        if self.config.position == "sinusoidal":
+            return x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)
+        return x
+
+    def _with_balancing_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Training adds the experts' load-balancing loss; evaluation reports cross-entropy alone."""
+        experts = self._mixtures()
+        if not experts or not self.training:
+            return loss
+        balance = torch.stack([moe.aux_loss for moe in experts]).mean()
+        return loss + self.config.moe_aux_weight * balance.to(loss.dtype)
+
+    def _mixtures(self) -> list[MixtureOfExperts]:
+        return [block.mlp for block in self.blocks if isinstance(block.mlp, MixtureOfExperts)]
+
+    def expert_usage(self) -> list[list[float]]:
+        """Per MoE layer, the share of routing slots each expert took in the last forward."""
+        return [moe.usage.tolist() for moe in self._mixtures() if moe.usage is not None]
 
     def new_cache(self, batch_size: int, max_length: int | None = None, device=None, dtype=None) -> KVCache:
         config = self.config
         weight = self.token_embedding.weight
-        return KVCache(config.n_layer, batch_size, config.n_head, max_length or config.context_length,
-                       config.head_dim, device or weight.device, dtype or weight.dtype)
+        return KVCache(config.n_layer, batch_size, config.n_kv_heads, max_length or config.context_length,
+                       config.head_dim, device or weight.device, dtype or weight.dtype, window=config.sliding_window)
 
     @property
     def device(self) -> torch.device:
@@ -87,21 +118,33 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------- accounting
 
-    def num_parameters(self, non_embedding: bool = False) -> int:
-        """Distinct parameters (a tied head counts once); optionally without the embeddings."""
+    def num_parameters(self, non_embedding: bool = False, active: bool = False) -> int:
+        """Distinct parameters (a tied head counts once).
+
+        non_embedding: without the token and position embeddings (the N of scaling laws);
+        active: only the experts a token is routed to (the same as the total without MoE).
+        """
         total = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            total -= self.position_embedding.weight.numel() + self.token_embedding.weight.numel()
+            total -= self.token_embedding.weight.numel()
+            if self.config.position == "learned":
+                total -= self.position_embedding.weight.numel()
+        if active:
+            for moe in self._mixtures():
+                per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+                total -= (moe.n_experts - moe.top_k) * per_expert
         return total
 
     def flops_per_token(self, training: bool = True) -> int:
-        """Matmul FLOPs per token at full context: 2 per weight per token forward, plus attention.
+        """Matmul FLOPs per token at full context: 2 per active weight per token forward, plus attention.
 
-        Forward: 2 * (non-embedding weights + output head) + 2 * 2 * n_layer * context * d_model
-        (QK^T and attention x V). Training (forward + backward) is 3x that: the 6N + 12 L T d of
-        the scaling-law papers.
+        Forward: 2 * (active non-embedding weights + output head) + 2 * 2 * n_layer * span * n_head * head_dim
+        (QK^T and attention x V over `span` keys: the context, or the sliding window). Training
+        (forward + backward) is 3x that: the 6N + 12 L T d of the scaling-law papers.
         """
         c = self.config
-        weights = self.num_parameters(non_embedding=True) + c.vocab_size * c.d_model
-        forward = 2 * weights + 4 * c.n_layer * c.context_length * c.d_model
+        weights = self.num_parameters(non_embedding=True, active=True)  # an untied head is among these
+        if c.tie_embeddings:
+            weights += c.vocab_size * c.d_model  # the tied head's matmul still runs
+        forward = 2 * weights + 4 * c.n_layer * c.attention_span * c.n_head * c.head_dim
         return 3 * forward if training else forward

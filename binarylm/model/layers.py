@@ -1,4 +1,8 @@
-"""The pieces of a transformer block: causal self-attention and the feed-forward MLP."""
+"""The pieces of a transformer block: norms, causal self-attention and the feed-forward layers.
+
+Which piece a model uses is a ModelConfig field (norm, mlp, n_kv_heads,
+sliding_window, n_experts); `make_norm` and `make_feed_forward` pick it.
+"""
 
 from __future__ import annotations
 
@@ -10,51 +14,109 @@ from torch import nn
 
 from binarylm.config import ModelConfig
 from binarylm.model.kv_cache import KVCache
+from binarylm.model.moe import MixtureOfExperts
+from binarylm.model.positions import apply_rotary
+
+Rotary = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (T, head_dim)
+
+
+# ------------------------------------------------------------------ norms
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without the mean subtraction and the bias (Llama).
+
+    Computed in float32 whatever the input dtype, then cast back, as Llama does.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)  # (..., C)
+        return self.weight * normed.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+# ------------------------------------------------------------------ attention
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees only itself and the past.
 
-    One matrix computes queries, keys and values for all heads at once (fused
-    QKV); PyTorch's scaled_dot_product_attention then runs the fused kernel
-    (flash attention where the device has it) for softmax(QK^T / sqrt(d)) V.
+    One matrix computes queries, keys and values at once (fused QKV): its output
+    rows are [n_head query heads | n_kv_heads key heads | n_kv_heads value heads].
+    With n_kv_heads < n_head (grouped-query attention; 1 is multi-query) each
+    key/value head is shared by n_head / n_kv_heads query heads, which shrinks the
+    KV cache by the same factor. PyTorch's scaled_dot_product_attention runs
+    softmax(QK^T / sqrt(d)) V in a fused kernel (flash attention where the device
+    has it). A sliding window limits each query to the last `sliding_window` keys.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
+        self.window = config.sliding_window
+        self.qkv = nn.Linear(config.d_model, (config.n_head + 2 * config.n_kv_heads) * config.head_dim,
+                             bias=config.bias)
+        self.proj = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
         self.proj.is_residual_output = True  # scaled down at init, see Transformer._init_weights
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        past = 0
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        mask = self._mask(T, cache, x.device)  # (T, L) or None for plain causal
         if cache is not None:
-            past = cache.length
-            k, v = cache.append(layer, k, v)  # (B, H, past + T, D)
+            k, v = cache.append(layer, k, v)  # (B, KV, L, D): the cached positions, then these T
         y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=_causal_mask(T, past, x.device) if past and T > 1 else None,
-            is_causal=past == 0 and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=mask, is_causal=mask is None and cache is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_head,
         )  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.proj(y)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # (B, T, C)
+
+    def _mask(self, new: int, cache: KVCache | None, device: torch.device) -> torch.Tensor | None:
+        """Which keys each new query may see, or None where plain causal attention is exact (the fast path)."""
+        if cache is None:
+            if not self.window or new <= self.window:
+                return None
+            queries = keys = torch.arange(new, device=device)
+        else:
+            if new == 1 and not self.window:
+                return None  # one new token sees every cached position
+            queries = torch.arange(cache.length, cache.length + new, device=device)
+            keys = cache.key_positions(new).to(device)
+        return visible_keys(queries, keys, self.window)
 
 
-def _causal_mask(new: int, past: int, device: torch.device) -> torch.Tensor:
-    """(new, past + new) booleans: query i (at position past + i) may see keys 0 .. past + i."""
-    keys = torch.arange(past + new, device=device)
-    queries = torch.arange(past, past + new, device=device)
-    return keys[None, :] <= queries[:, None]
+def visible_keys(queries: torch.Tensor, keys: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """(Tq, Tk) booleans from positions: key k is visible to query q when k <= q (and q - k < window)."""
+    visible = keys[None, :] <= queries[:, None]
+    if window:
+        visible &= keys[None, :] > queries[:, None] - window
+    return visible
 
 
-class MLP(nn.Module):
-    """Position-wise feed-forward: widen to d_ff, GELU, project back."""
+# ------------------------------------------------------------------ feed-forward
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's feed-forward: widen to d_ff, GELU (tanh approximation), project back."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -67,19 +129,52 @@ class MLP(nn.Module):
         return self.dropout(self.down(F.gelu(self.up(x), approximate="tanh")))  # (B, T, C)
 
 
+class SwiGLU(nn.Module):
+    """Llama's gated feed-forward: down(silu(gate(x)) * up(x)).
+
+    The gate decides, per hidden unit, how much of up(x) passes. Three matrices
+    instead of two, so d_ff is ~8/3 d_model (not 4 d_model) for the same parameters.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.up = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.down.is_residual_output = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))  # (B, T, C)
+
+
+def make_mlp(config: ModelConfig) -> nn.Module:
+    """One dense feed-forward network of the configured kind."""
+    return SwiGLU(config) if config.mlp == "swiglu" else GeluMLP(config)
+
+
+def make_feed_forward(config: ModelConfig) -> nn.Module:
+    """The block's feed-forward: one dense MLP, or a mixture of n_experts of them."""
+    return MixtureOfExperts(config, make_mlp) if config.n_experts else make_mlp(config)
+
+
+# ------------------------------------------------------------------ the block
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        self.norm1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.norm2 = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.norm2 = make_norm(config)
+        self.mlp = make_feed_forward(config)
         self.residual_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.residual_dropout(self.attn(self.norm1(x), cache, layer))
+    def forward(self, x: torch.Tensor, rotary: Rotary | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.residual_dropout(self.attn(self.norm1(x), rotary, cache, layer))
         return x + self.mlp(self.norm2(x))
 
 
