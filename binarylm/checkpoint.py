@@ -54,8 +54,16 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, toke
                     config: RunConfig, train_state: dict | None = None, metrics: dict | None = None) -> Path:
     """Write checkpoint `step` under `run_dir` atomically and point `latest` at it."""
     run_dir = Path(run_dir)
-    final = run_dir / checkpoint_name(step)
-    staging = run_dir / f".{final.name}.tmp-{os.getpid()}"
+    final = write_checkpoint(run_dir / checkpoint_name(step), model, tokenizer, config, train_state, metrics)
+    write_atomically(run_dir / LATEST, (final.name + "\n").encode())
+    return final
+
+
+def write_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, config: RunConfig,
+                     train_state: dict | None = None, metrics: dict | None = None) -> Path:
+    """Write one checkpoint directory at `path`: staged under a temporary name, then renamed into place."""
+    final = Path(path)
+    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     write_json_atomically(staging / "config.json", config.to_dict())
@@ -65,7 +73,6 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, toke
     if train_state is not None:
         torch.save(train_state, staging / "train_state.pt")
     _replace_directory(staging, final)
-    write_atomically(run_dir / LATEST, (final.name + "\n").encode())
     return final
 
 
