@@ -9,7 +9,9 @@
 from binarylm.tokenizer.core import DEFAULT_SPECIAL_TOKENS, ENDOFTEXT, IM_END, IM_START, PAD, Tokenizer
 from binarylm.tokenizer.formats import (
     cl100k_base,
+    from_hf_json,
     load,
+    load_hf,
     load_tiktoken,
     open_tokenizer,
     save,
@@ -22,6 +24,6 @@ from binarylm.tokenizer.train import train_bpe
 
 __all__ = [
     "DEFAULT_SPECIAL_TOKENS", "ENDOFTEXT", "GPT2_PATTERN", "GPT4_PATTERN", "IM_END", "IM_START", "PAD",
-    "PATTERNS", "Tokenizer", "cl100k_base", "load", "load_tiktoken", "open_tokenizer", "save", "save_hf",
-    "save_tiktoken", "to_hf_json", "train_bpe",
+    "PATTERNS", "Tokenizer", "cl100k_base", "from_hf_json", "load", "load_hf", "load_tiktoken", "open_tokenizer",
+    "save", "save_hf", "save_tiktoken", "to_hf_json", "train_bpe",
 ]

@@ -260,6 +260,72 @@ def save_hf(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
     write_atomically(Path(path), text.encode("utf-8"))
 
 
+def from_hf_json(data: dict, source: str = "tokenizer.json") -> Tokenizer:
+    """Our Tokenizer from a Hugging Face byte-level BPE description (the dict of a tokenizer.json).
+
+    Works for GPT-2-style tokenizers (GPT-2, Llama 3, and everything `save_hf` writes): byte-level
+    BPE whose ids rise in merge order, so that "lowest id first" merges as "earliest merge first".
+    """
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or "vocab" not in model:
+        raise BinaryLMError(f"{source} is not a BPE tokenizer (model type {model.get('type')!r}); "
+                            "BinaryLM reads byte-level BPE tokenizers only")
+    added = {entry["content"]: int(entry["id"]) for entry in data.get("added_tokens", [])}
+    byte_of = {char: b for b, char in byte_to_unicode().items()}
+    ranks = {}
+    for spelled, token_id in model["vocab"].items():
+        if spelled in added:
+            continue
+        try:
+            ranks[bytes(byte_of[char] for char in spelled)] = int(token_id)
+        except KeyError:
+            raise BinaryLMError(f"{source}: token {spelled!r} is not spelled in byte-level characters; "
+                                "only byte-level BPE tokenizers (GPT-2 style) can be read") from None
+    _check_merge_order(model.get("merges", []), ranks, byte_of, source)
+    return Tokenizer(ranks, _hf_pattern(data.get("pre_tokenizer"), source), added, name=Path(source).parent.name)
+
+
+def _check_merge_order(merges: list, ranks: dict[bytes, int], byte_of: dict[str, int], source: str) -> None:
+    """Ranks-based BPE reproduces Hugging Face's merges-based BPE only if merged ids rise with merge order."""
+    last = -1
+    for merge in merges:
+        left, right = merge.split(" ") if isinstance(merge, str) else merge
+        token_id = ranks.get(bytes(byte_of[char] for char in left + right))
+        if token_id is None or token_id < last:
+            raise BinaryLMError(
+                f"{source}: the merge {left!r} + {right!r} is out of id order, so BinaryLM's "
+                "rank-based BPE would encode differently; this tokenizer cannot be imported"
+            )
+        last = token_id
+
+
+def _hf_pattern(pre_tokenizer: dict | None, source: str) -> str:
+    """The split pattern of a Split (+ ByteLevel) or a regex-using ByteLevel pre-tokenizer."""
+    steps = (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer] if pre_tokenizer else [])
+    for step in steps:
+        if step.get("type") == "Split" and "Regex" in step.get("pattern", {}):
+            regex_text = step["pattern"]["Regex"]
+            return next((p for p, onig in _ONIGURUMA_FORMS.items() if onig == regex_text), regex_text)
+        if step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            return GPT2_PATTERN
+    raise BinaryLMError(f"{source}: no split pattern found in its pre_tokenizer; expected a Split regex or "
+                        "a ByteLevel step with use_regex")
+
+
+def load_hf(path: str | os.PathLike) -> Tokenizer:
+    """Read a Hugging Face tokenizer.json (or the directory holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise BinaryLMError(f"no Hugging Face tokenizer at {path}; the model directory needs a tokenizer.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BinaryLMError(f"{path} is not valid JSON ({exc})") from None
+    return from_hf_json(data, str(path))
+
+
 # ------------------------------------------------------------------- any of them
 
 
