@@ -15,7 +15,6 @@ names the newest complete checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from safetensors.torch import load_model, save_model
 
 from binarylm.config import RunConfig, config_from_dict
 from binarylm.errors import BinaryLMError
-from binarylm.files import write_atomically, write_json_atomically
+from binarylm.files import staged_directory, write_atomically, write_json_atomically
 from binarylm.model import Transformer
 from binarylm.tokenizer import Tokenizer
 from binarylm.tokenizer import load as load_tokenizer
@@ -62,18 +61,14 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, toke
 def write_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, config: RunConfig,
                      train_state: dict | None = None, metrics: dict | None = None) -> Path:
     """Write one checkpoint directory at `path`: staged under a temporary name, then renamed into place."""
-    final = Path(path)
-    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    write_json_atomically(staging / "config.json", config.to_dict())
-    save_model(model, str(staging / "model.safetensors"))
-    save_tokenizer(tokenizer, staging / "tokenizer.json")
-    write_json_atomically(staging / "metrics.json", metrics or {})
-    if train_state is not None:
-        torch.save(train_state, staging / "train_state.pt")
-    _replace_directory(staging, final)
-    return final
+    with staged_directory(path) as staging:
+        write_json_atomically(staging / "config.json", config.to_dict())
+        save_model(model, str(staging / "model.safetensors"))
+        save_tokenizer(tokenizer, staging / "tokenizer.json")
+        write_json_atomically(staging / "metrics.json", metrics or {})
+        if train_state is not None:
+            torch.save(train_state, staging / "train_state.pt")
+    return Path(path)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -139,13 +134,3 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     old = [p for p in list_checkpoints(run_dir)[:-keep] if p.name != latest]
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _replace_directory(staging: Path, final: Path) -> None:
-    if final.exists():
-        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, trash)
-        os.replace(staging, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, final)

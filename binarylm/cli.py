@@ -4,6 +4,8 @@
     binarylm pretrain [--config configs/x.yaml] [--resume] [--train.lr 3e-4 ...]
     binarylm generate --checkpoint runs/demo "def main("
     binarylm eval --checkpoint runs/demo
+    binarylm convert runs/demo exported/ --to hf       (or --to gguf / binarylm; sources in any of them)
+    binarylm info llama-1b                             (a preset, a YAML recipe, a checkpoint or HF directory)
     binarylm tokenizer train [INPUT ...] --vocab-size 8192 --output tokenizer.json
     binarylm tokenizer encode --tokenizer tokenizer.json "some text"
     binarylm tokenizer decode --tokenizer tokenizer.json 1 2 3
@@ -137,6 +139,49 @@ def evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(figures, indent=2))
 
 
+def convert(args: argparse.Namespace) -> None:
+    from binarylm.interop.convert import convert as run_convert
+
+    written = run_convert(args.source, args.output, args.to, gguf_dtype=args.dtype)
+    print(f"wrote {args.to} -> {written}")
+
+
+def info(args: argparse.Namespace) -> None:
+    from binarylm.model.summary import format_summary, model_summary
+
+    config = _model_config_of(args.target, args.overrides)
+    summary = model_summary(config)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(config, summary))
+
+
+def _model_config_of(target: str, override_args: list[str]):
+    """The ModelConfig named by a preset, a YAML recipe, a checkpoint / run directory or a HF directory."""
+    from pathlib import Path
+
+    from binarylm.config import PRESETS, build_config, load_config, parse_overrides, suggest
+
+    overrides = parse_overrides(override_args)
+    path = Path(target)
+    if path.is_dir():
+        from binarylm.interop.convert import detect_format
+
+        if detect_format(path) == "hf":
+            from binarylm.interop.hf import model_config_from_hf
+
+            hf_config, _ = model_config_from_hf(json.loads((path / "config.json").read_text()), str(path))
+            return build_config({"model": vars(hf_config)}, overrides).model
+        from binarylm.checkpoint import resolve_checkpoint
+
+        saved = json.loads((resolve_checkpoint(path) / "config.json").read_text())
+        return build_config({"model": saved["model"]}, overrides).model
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        return load_config(path, overrides).model
+    if target in PRESETS:
+        return build_config({"model": {"preset": target}}, overrides).model
+    raise BinaryLMError(f"{target!r}{suggest(target, PRESETS)} is neither a preset ({', '.join(PRESETS)}), "
+                        "a YAML recipe, nor a checkpoint or Hugging Face directory")
+
+
 def demo(args: argparse.Namespace) -> None:
     from binarylm.demo import run_demo
 
@@ -239,6 +284,21 @@ def _add_run_verbs(verbs) -> None:
     ev.add_argument("--max-tokens", type=int, default=0, help="evaluate at most this many tokens (0: all)")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(run=evaluate, command_parser=ev)
+
+    conv = verbs.add_parser("convert", help="convert a model between BinaryLM, Hugging Face and GGUF",
+                            epilog="The source format is recognised from the path: a BinaryLM checkpoint or run "
+                                   "directory, a Hugging Face model directory, or a .gguf file.")
+    conv.add_argument("source", help="the model to read")
+    conv.add_argument("output", help="where to write (a directory; a file for gguf)")
+    conv.add_argument("--to", required=True, choices=["binarylm", "hf", "gguf"], help="the format to write")
+    conv.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="GGUF tensor type for the matrices")
+    conv.set_defaults(run=convert, command_parser=conv)
+
+    inf = verbs.add_parser("info", help="parameters, FLOPs per token and memory of a model",
+                           epilog="Change any model field with --model.KEY VALUE, e.g. --model.n_kv_heads 4.")
+    inf.add_argument("target", help="a preset name, a YAML recipe, a checkpoint or run directory, or a HF directory")
+    inf.add_argument("--json", action="store_true", help="print the figures as JSON")
+    inf.set_defaults(run=info, command_parser=inf, takes_overrides=True)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

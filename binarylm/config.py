@@ -209,7 +209,7 @@ PRESETS.update({
 
 def model_preset(name: str) -> dict[str, Any]:
     if name not in PRESETS:
-        raise BinaryLMError(f"unknown model preset {name!r}{_suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
+        raise BinaryLMError(f"unknown model preset {name!r}{suggest(name, PRESETS)}; presets: {', '.join(PRESETS)}")
     return dict(PRESETS[name])
 
 
@@ -222,7 +222,7 @@ def build_config(values: dict[str, Any] | None = None, overrides: dict[str, str]
     for section in values:
         if section not in SECTIONS:
             raise BinaryLMError(
-                f"unknown config section {section!r}{_suggest(section, SECTIONS)}; sections: {', '.join(SECTIONS)}"
+                f"unknown config section {section!r}{suggest(section, SECTIONS)}; sections: {', '.join(SECTIONS)}"
             )
     for dotted, text in (overrides or {}).items():
         section, key = _split_dotted(dotted)
@@ -269,7 +269,7 @@ def _make(cls, values: dict[str, Any], section: str):
     for key, value in values.items():
         if key not in fields:
             raise BinaryLMError(
-                f"unknown key {section}.{key}{_suggest(key, fields)}; valid keys in {section}: {', '.join(fields)}"
+                f"unknown key {section}.{key}{suggest(key, fields)}; valid keys in {section}: {', '.join(fields)}"
             )
         values[key] = _check_type(value, _field_type(cls, key), f"{section}.{key}")
     return cls(**values)
@@ -324,7 +324,7 @@ def _parse_override(cls, key: str, text: str, dotted: str) -> Any:
     if key not in fields:
         section = dotted.partition(".")[0]
         raise BinaryLMError(
-            f"unknown key {dotted}{_suggest(key, fields)}; valid keys in {section}: {', '.join(sorted(fields))}"
+            f"unknown key {dotted}{suggest(key, fields)}; valid keys in {section}: {', '.join(sorted(fields))}"
         )
     expected = _field_type(cls, key)
     if typing.get_origin(expected) is list:
@@ -342,7 +342,7 @@ def _parse_override(cls, key: str, text: str, dotted: str) -> Any:
     return text
 
 
-def _suggest(word: str, choices) -> str:
+def suggest(word: str, choices) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

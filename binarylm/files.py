@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,3 +25,27 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json_atomically(path: str | os.PathLike, value: Any) -> None:
     write_atomically(path, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+
+
+@contextmanager
+def staged_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `path`; when the block succeeds it replaces `path` whole.
+
+    If the block raises, the temporary directory is removed and `path` is left as it was.
+    """
+    final = Path(path)
+    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, final)

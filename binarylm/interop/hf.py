@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from binarylm.config import ModelConfig, RunConfig
 from binarylm.errors import BinaryLMError
-from binarylm.files import write_json_atomically
+from binarylm.files import staged_directory, write_json_atomically
 from binarylm.interop.families import model_family
 from binarylm.model import Transformer
 from binarylm.tokenizer import Tokenizer, load_hf, save_hf
@@ -253,8 +253,6 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, directory: str | Path) -
     """Write a directory that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer` load."""
     config = model.config
     family = model_family(config)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
     theirs = {}
     for link in tensor_links(config, family):
@@ -263,11 +261,12 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, directory: str | Path) -
             if len(link.theirs) == 3 else [tensor.shape[0]]
         for name, part in zip(link.theirs, tensor.split(sizes, dim=0)):
             theirs[name] = (part.t() if link.transpose else part).contiguous().clone()
-    save_file(theirs, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    write_json_atomically(directory / "config.json", model_config_to_hf(config, family, tokenizer.eot_id))
-    save_hf(tokenizer, directory / "tokenizer.json")
-    write_json_atomically(directory / "tokenizer_config.json", _tokenizer_config(tokenizer, config))
-    return directory
+    with staged_directory(directory) as staging:
+        save_file(theirs, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        write_json_atomically(staging / "config.json", model_config_to_hf(config, family, tokenizer.eot_id))
+        save_hf(tokenizer, staging / "tokenizer.json")
+        write_json_atomically(staging / "tokenizer_config.json", _tokenizer_config(tokenizer, config))
+    return Path(directory)
 
 
 def _tokenizer_config(tokenizer: Tokenizer, config: ModelConfig) -> dict:
