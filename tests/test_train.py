@@ -53,6 +53,18 @@ def test_loss_decreases(corpus, tmp_path):
     assert (tmp_path / "run" / "latest").read_text().strip() == "ckpt-000040"
 
 
+def test_a_llama_style_mixture_of_experts_pretrains_and_reports_expert_usage(corpus, tmp_path):
+    overrides = tiny_overrides(corpus, tmp_path / "run", model__preset="llama-tiny", model__n_experts=3,
+                               model__context_length=32, train__max_steps=6)
+    metrics = pretrain(load_config(None, overrides), progress=False)
+    logged = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    assert len(logged[-1]["expert_usage"]) == 2 and len(logged[-1]["expert_usage"][0]) == 3
+    assert 1.0 <= logged[-1]["expert_max_load"] <= 3.0
+    saved = checkpoint.load_checkpoint(tmp_path / "run")
+    assert saved.config.model.n_experts == 3 and saved.config.model.norm == "rmsnorm"
+    assert metrics["val_loss"] < logged[0]["loss"]
+
+
 def test_killed_run_resumes_with_exactly_the_same_losses(corpus, tmp_path):
     settings = tiny_overrides(corpus, tmp_path / "run", model__dropout="0.1", train__grad_accum="2")
     pretrain(load_config(None, settings), progress=False)

@@ -165,7 +165,7 @@ def _loop(run: Run, progress: bool) -> dict:
             if run.step % train.log_every == 0 or run.step == 1:
                 monitor.log(run.step, "train", {"loss": loss, "lr": learning_rate(run.step - 1, train),
                                                 "grad_norm": grad_norm, "tokens_per_sec": throughput,
-                                                "tokens": run.tokens_seen})
+                                                "tokens": run.tokens_seen, **_expert_figures(run.model)})
                 window_started, window_steps = time.perf_counter(), 0
             metrics["train_loss"] = loss
             if run.step % train.eval_every == 0:
@@ -180,6 +180,15 @@ def _loop(run: Run, progress: bool) -> dict:
     finally:
         monitor.close()
     return metrics
+
+
+def _expert_figures(model: Transformer) -> dict:
+    """For mixture-of-experts models: each layer's routing shares, and the busiest expert's load vs even."""
+    usage = model.expert_usage()
+    if not usage:
+        return {}
+    return {"expert_usage": [[round(share, 4) for share in layer] for layer in usage],
+            "expert_max_load": max(max(layer) * len(layer) for layer in usage)}
 
 
 def _out_of_time(run: Run, started: float) -> bool:
