@@ -149,3 +149,11 @@ def test_unsupported_options_and_missing_files_are_clear(gpt2_dir, tokenizer, tm
     moe = Transformer(ModelConfig(**{**PRESETS["llama-tiny"], "vocab_size": tokenizer.vocab_size, "n_experts": 2}))
     with pytest.raises(BinaryLMError, match="llama needs model.n_experts=0"):
         export_hf(moe, tokenizer, tmp_path / "moe")
+
+
+def test_open_tokenizer_reads_hugging_face_files_too(tokenizer, tmp_path):
+    from binarylm.tokenizer import open_tokenizer
+
+    save_hf(tokenizer, tmp_path / "tokenizer.json")
+    for spec in (tmp_path, tmp_path / "tokenizer.json"):
+        assert open_tokenizer(spec).encode(TEXT, allowed_special="all") == tokenizer.encode(TEXT, allowed_special="all")

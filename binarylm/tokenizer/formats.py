@@ -338,7 +338,17 @@ def open_tokenizer(spec: str | os.PathLike) -> Tokenizer:
         return load_tiktoken(path)
     if not path.exists():
         raise BinaryLMError(
-            f"no tokenizer at {path}: give a tokenizer.json written by `binarylm tokenizer train`, "
+            f"no tokenizer at {path}: give a tokenizer.json (ours or a Hugging Face one), "
             "a directory holding one, a .tiktoken rank file, or the name cl100k_base"
         )
-    return load(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    return load_hf(file) if _is_hugging_face(file) else load(file)
+
+
+def _is_hugging_face(path: Path) -> bool:
+    """A JSON file with a "model" section and without our format tag."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # `load` gives the precise error
+    return isinstance(data, dict) and "model" in data and data.get("format") != FORMAT_NAME
