@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 
 from binarylm.config import RunConfig, config_from_dict
 from binarylm.errors import BinaryLMError
@@ -96,18 +96,35 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BinaryLMError(f"{path / 'config.json'} is corrupt ({exc}); use another checkpoint") from None
     model = Transformer(config.model)
-    try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise BinaryLMError(f"{path / 'model.safetensors'} cannot be read ({exc}); use another checkpoint") from None
-    if missing or unexpected:
-        raise BinaryLMError(
-            f"{path / 'model.safetensors'} does not match config.json "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); the checkpoint is inconsistent"
-        )
+    _load_weights(model, path / "model.safetensors")
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return Checkpoint(model.to(device).eval(), load_tokenizer(path / "tokenizer.json"), config, path, metrics)
+
+
+def _load_weights(model: Transformer, file: Path) -> None:
+    """Load `file` into `model`, naming any tensor that is missing, unexpected or of the wrong shape."""
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise BinaryLMError(f"{file} cannot be read ({exc}); use another checkpoint") from None
+    if model.config.tie_embeddings:  # one of the two tied names is stored
+        shared = tensors.get("token_embedding.weight", tensors.get("lm_head.weight"))
+        if shared is not None:
+            tensors.setdefault("token_embedding.weight", shared)
+            tensors.setdefault("lm_head.weight", shared)
+    expected = model.state_dict()
+    problems = [f"missing {name}" for name in sorted(expected.keys() - tensors.keys())]
+    problems += [f"unexpected {name}" for name in sorted(tensors.keys() - expected.keys())]
+    problems += [
+        f"{name} is {tuple(tensors[name].shape)} where config.json implies {tuple(expected[name].shape)}"
+        for name in sorted(expected.keys() & tensors.keys()) if tensors[name].shape != expected[name].shape
+    ]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise BinaryLMError(f"{file} does not match config.json: {'; '.join(problems[:3])}{more}; "
+                            "the checkpoint is inconsistent, use another one")
+    model.load_state_dict(tensors)
 
 
 def load_train_state(path: str | Path) -> dict:

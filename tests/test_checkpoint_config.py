@@ -54,6 +54,24 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(saved, tmp_path):
         load_train_state(broken)
 
 
+def test_missing_or_mis_shaped_tensors_are_named(saved, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = shutil.copytree(saved[1], tmp_path / "ckpt")
+    weights = copy / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["blocks.0.mlp.up.weight"] = tensors["blocks.0.mlp.up.weight"][:10].contiguous()
+    del tensors["final_norm.bias"]
+    save_file(tensors, weights)
+    with pytest.raises(BinaryLMError) as error:
+        load_checkpoint(copy)
+    message = str(error.value)
+    assert "missing final_norm.bias" in message and "\n" not in message
+    assert "blocks.0.mlp.up.weight is (10, " in message and "where config.json implies" in message
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_recipe_loads_and_builds(path):
     config = load_config(path)
