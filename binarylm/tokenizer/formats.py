@@ -88,15 +88,7 @@ def save(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike) -> Tokenizer:
     """Read our tokenizer.json (or a directory holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.json"
-    if not path.is_file():
-        raise BinaryLMError(f"tokenizer file {path} does not exist; train one with `binarylm tokenizer train`")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BinaryLMError(f"{path} is not valid JSON ({exc}); the file is corrupt, train or copy it again") from None
+    path, data = _read_tokenizer_json(path, "train one with `binarylm tokenizer train`")
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         hint = " (it looks like a Hugging Face tokenizer.json)" if isinstance(data, dict) and "model" in data else ""
         raise BinaryLMError(f"{path} is not a BinaryLM tokenizer file{hint}; expected \"format\": \"{FORMAT_NAME}\"")
@@ -314,16 +306,21 @@ def _hf_pattern(pre_tokenizer: dict | None, source: str) -> str:
 
 def load_hf(path: str | os.PathLike) -> Tokenizer:
     """Read a Hugging Face tokenizer.json (or the directory holding one)."""
+    path, data = _read_tokenizer_json(path, "a Hugging Face model directory needs its tokenizer.json")
+    return from_hf_json(data, str(path))
+
+
+def _read_tokenizer_json(path: str | os.PathLike, fix: str) -> tuple[Path, dict]:
+    """(file, parsed JSON) for a tokenizer.json or its directory; `fix` ends the error for a missing file."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise BinaryLMError(f"no Hugging Face tokenizer at {path}; the model directory needs a tokenizer.json")
+        raise BinaryLMError(f"tokenizer file {path} does not exist; {fix}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return path, json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BinaryLMError(f"{path} is not valid JSON ({exc})") from None
-    return from_hf_json(data, str(path))
+        raise BinaryLMError(f"{path} is not valid JSON ({exc}); the file is corrupt, write or copy it again") from None
 
 
 # ------------------------------------------------------------------- any of them
