@@ -50,22 +50,24 @@ class Transformer(nn.Module):
 
     def forward(
         self, ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-        return_logits: bool = False,
+        return_logits: bool = False, last_only: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits (B, T, V), None) for ids (B, T); with targets (B, T), (None, mean cross-entropy).
 
         With targets the head and the loss run fused (model/losses.py), never holding the
         (B, T, V) logits; `return_logits=True` computes them as well, the plain way.
-        With a cache, `ids` continue the sequence already stored in it.
+        With a cache, `ids` continue the sequence(s) already stored in it (each row at its own
+        position for a batched cache). `last_only` computes the logits of the last position
+        only, (B, 1, V): all that generation needs after a prompt.
         """
         B, T = ids.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.context_length:
+        end = (cache.length if cache is not None else 0) + T
+        if end > self.config.context_length:
             raise BinaryLMError(
-                f"sequence of {start + T} tokens is longer than the model's context of {self.config.context_length}; "
+                f"sequence of {end} tokens is longer than the model's context of {self.config.context_length}; "
                 "shorten the input"
             )
-        positions = torch.arange(start, start + T, device=ids.device)  # (T,)
+        positions = cache.positions(T) if cache is not None else torch.arange(T, device=ids.device)  # (T,) or (B, T)
         x = self.dropout(self._embed(ids, positions))  # (B, T, C)
         rotary = rotary_tables(positions, self.config) if self.config.position == "rope" else None
         for layer, block in enumerate(self.blocks):
@@ -74,7 +76,7 @@ class Transformer(nn.Module):
             cache.advance(T)
         x = self.final_norm(x)  # (B, T, C)
         if targets is None:
-            return self.lm_head(x), None
+            return self.lm_head(x[:, -1:] if last_only else x), None
         if not return_logits:
             loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
             return None, self._with_balancing_loss(loss)

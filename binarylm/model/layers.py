@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from binarylm.config import ModelConfig
-from binarylm.model.kv_cache import KVCache
+from binarylm.model.kv_cache import KVCache, visible_keys
 from binarylm.model.moe import MixtureOfExperts
 from binarylm.model.positions import apply_rotary
 
@@ -92,24 +92,12 @@ class CausalSelfAttention(nn.Module):
 
     def _mask(self, new: int, cache: KVCache | None, device: torch.device) -> torch.Tensor | None:
         """Which keys each new query may see, or None where plain causal attention is exact (the fast path)."""
-        if cache is None:
-            if not self.window or new <= self.window:
-                return None
-            queries = keys = torch.arange(new, device=device)
-        else:
-            if new == 1 and not self.window:
-                return None  # one new token sees every cached position
-            queries = torch.arange(cache.length, cache.length + new, device=device)
-            keys = cache.key_positions(new).to(device)
-        return visible_keys(queries, keys, self.window)
-
-
-def visible_keys(queries: torch.Tensor, keys: torch.Tensor, window: int = 0) -> torch.Tensor:
-    """(Tq, Tk) booleans from positions: key k is visible to query q when k <= q (and q - k < window)."""
-    visible = keys[None, :] <= queries[:, None]
-    if window:
-        visible &= keys[None, :] > queries[:, None] - window
-    return visible
+        if cache is not None:
+            return cache.mask(new, self.window)
+        if not self.window or new <= self.window:
+            return None
+        positions = torch.arange(new, device=device)
+        return visible_keys(positions, positions, self.window)
 
 
 # ------------------------------------------------------------------ feed-forward
