@@ -159,6 +159,7 @@ class CacheRows:
         self.row_lengths = cache.lengths[start:stop]
         self.length = max(self.row_lengths)  # the longest row: what the context check needs
         self._lengths = torch.tensor(self.row_lengths, device=cache.device)  # (B,)
+        self._slots = torch.arange(start, stop, device=cache.device)  # (B,)
         self._mask: torch.Tensor | None = None
 
     def positions(self, new: int) -> torch.Tensor:
@@ -186,9 +187,8 @@ class CacheRows:
             raise BinaryLMError(f"KV cache holds {self.cache.max_length} positions; {end} were asked for")
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         if new == 1:  # decode: one position per row, each at its own length
-            slots = torch.arange(self.start, self.stop, device=self.cache.device)
-            keys[slots, :, self._lengths] = k[:, :, 0]  # (B, KV, D)
-            values[slots, :, self._lengths] = v[:, :, 0]
+            keys[self._slots, :, self._lengths] = k[:, :, 0]  # (B, KV, D)
+            values[self._slots, :, self._lengths] = v[:, :, 0]
         else:
             for row, length in enumerate(self.row_lengths):
                 keys[self.start + row, :, length:length + new] = k[row]
