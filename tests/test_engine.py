@@ -192,3 +192,40 @@ def test_beam_search_with_one_beam_is_greedy_and_wider_beams_score_at_least_as_w
     end = one.token_ids[2]
     with_end = beam_search(model, prompt, beam_width=1, max_new_tokens=10, eos_id=end)[0]
     assert with_end.token_ids == one.token_ids[: one.token_ids.index(end) + 1] and with_end.finished
+
+
+def test_a_draw_of_exactly_zero_still_picks_a_kept_token(monkeypatch):
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.zeros(1))
+    picks = sample_rows(logits, [SamplingParams(temperature=1.0, top_k=1)], [None])
+    assert picks.tolist() == [1]
+
+
+def test_edge_settings_never_give_silent_nonsense():
+    model = model_of(seed=8)
+    prompt = prompts_of(4)[0]
+    greedy = Engine(model).generate([prompt], GREEDY)[0].samples[0].token_ids
+    tiny = Engine(model).generate([prompt], SamplingParams(temperature=1e-45, max_tokens=12))[0]
+    assert tiny.samples[0].token_ids == greedy  # a vanishing temperature is greedy, not an overflow
+    with pytest.raises(BinaryLMError, match="logit_bias values"):
+        Engine(model).add_request(prompt, SamplingParams(logit_bias={3: float("inf")}))
+    wide = Engine(model).generate([prompt], SamplingParams(max_tokens=2, logprobs=20))[0]
+    assert len(wide.samples[0].logprobs[0].top) == 20
+    engine = Engine(model)
+    engine.add_request(prompt, request_id="mine")
+    with pytest.raises(BinaryLMError, match="already in use"):
+        engine.add_request(prompt, request_id="mine")
+
+
+def test_every_request_gets_a_final_event_even_without_decoding():
+    model = model_of()
+    events = []
+    engine = Engine(model, max_batch=1)
+    engine.add_request(prompts_of(3)[0], SamplingParams(max_tokens=0, prompt_logprobs=True), on_event=events.append)
+    engine.add_request(prompts_of(3)[0], SamplingParams(max_tokens=20), on_event=events.append)
+    queued = engine.add_request(prompts_of(3)[0], SamplingParams(max_tokens=20), on_event=events.append)
+    engine.step()
+    engine.abort(queued)
+    engine.step()
+    finals = [(e.request_id, e.finish_reason) for e in events if e.finish_reason]
+    assert ("req-0", "length") in finals and (queued, "abort") in finals

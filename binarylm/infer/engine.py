@@ -136,11 +136,18 @@ class Engine:
         params = (params or SamplingParams()).validate(self.vocab_size)
         prompt_ids = [int(i) for i in prompt_ids]
         self._check_request(prompt_ids, params)
-        request_id = request_id or f"req-{next(self._ids)}"
-        completion = Completion(request_id, prompt_ids, [Sample(i) for i in range(params.n)])
+        completion = Completion("", prompt_ids, [Sample(i) for i in range(params.n)])
         with self._lock:
+            request_id = request_id or f"req-{next(self._ids)}"
+            if request_id in self._known_ids():
+                raise BinaryLMError(f"request id {request_id!r} is already in use; give each request its own id")
+            completion.request_id = request_id
             self.waiting.append(_Request(request_id, prompt_ids, params, on_event, completion))
         return request_id
+
+    def _known_ids(self) -> set[str]:
+        running = {sequence.request.request_id for sequence in self.running}
+        return running | {request.request_id for request in self.waiting} | set(self.finished)
 
     def _check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -203,9 +210,7 @@ class Engine:
         if params.prompt_logprobs:
             request.completion.prompt_logprobs = _prompt_logprobs(logits, request.prompt_ids)
         if params.max_tokens == 0:  # scoring only (echo): nothing to generate
-            for sample in request.completion.samples:
-                sample.finish_reason = "length"
-            self._complete_if_done(request)
+            self._finish_unstarted(request, "length")
             return
         sequences = [self._start_sequence(request, sample, slot + sample.index)
                      for sample in request.completion.samples]
@@ -297,6 +302,14 @@ class Engine:
         if self._counts is not None:
             self._counts[target], self._seen[target] = self._counts[source], self._seen[source]
 
+    def _finish_unstarted(self, request: _Request, reason: str) -> None:
+        """End every sample of a request that never ran a decode step, telling a streaming caller."""
+        for sample in request.completion.samples:
+            sample.finish_reason = reason
+            if request.on_event is not None:
+                request.on_event(Event(request.request_id, sample.index, finish_reason=reason))
+        self._complete_if_done(request)
+
     def _complete_if_done(self, request: _Request) -> None:
         if all(sample.finish_reason for sample in request.completion.samples):
             self.finished[request.request_id] = request.completion
@@ -307,9 +320,7 @@ class Engine:
             queued = [r for r in self.waiting if r.request_id in aborted]
             self.waiting = deque(r for r in self.waiting if r.request_id not in aborted)
         for request in queued:
-            for sample in request.completion.samples:
-                sample.finish_reason = "abort"
-            self.finished[request.request_id] = request.completion
+            self._finish_unstarted(request, "abort")
         for sequence in self.running:
             if sequence.request.request_id in aborted and sequence.sample.finish_reason is None:
                 sequence.sample.finish_reason = "abort"
@@ -343,6 +354,6 @@ def _token_logprob(log_probs: torch.Tensor, token: int, top: int | None) -> Toke
     """The chosen token's log-probability (V,) and the `top` likeliest alternatives."""
     alternatives = []
     if top:
-        values, ids = torch.topk(log_probs, top)
+        values, ids = torch.topk(log_probs, min(top, log_probs.shape[-1]))
         alternatives = list(zip(ids.tolist(), values.tolist()))
     return TokenLogprob(token, float(log_probs[token]), alternatives)

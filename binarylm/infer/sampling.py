@@ -143,6 +143,8 @@ class SamplingParams:
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0, "0 turns it off")
         if self.logprobs is not None:
             _check_range("logprobs", self.logprobs, 0, 20, "the number of alternatives to report")
+        if any(not math.isfinite(bias) or abs(bias) > 100 for bias in self.logit_bias.values()):
+            raise BinaryLMError(f"logit_bias values must be numbers between -100 and 100, got {self.logit_bias!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise BinaryLMError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if vocab_size is not None:
@@ -155,7 +157,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below 1e-5 count as 0: dividing logits by them would overflow to inf."""
+        return self.temperature < 1e-5
 
     @property
     def penalised(self) -> bool:
@@ -216,7 +219,8 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     probs = torch.softmax(_truncate(scaled, chosen), dim=-1)  # (S, V)
     uniforms = torch.cat([torch.rand(1, generator=generators[row], device=logits.device) for row in sampled])
     cdf = torch.cumsum(probs, dim=-1)  # (S, V)
-    picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None]).squeeze(-1)  # (S,)
+    # side="right": the first token whose cumulative mass exceeds u, so a removed (zero) token never wins
+    picks = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], side="right").squeeze(-1)  # (S,)
     tokens[rows] = picks.clamp(max=logits.shape[-1] - 1)
     return tokens
 
