@@ -16,7 +16,7 @@ the machine's noise. Without a checkpoint, one is trained first (`--train-minute
 corpus, --train-steps) and kept in --checkpoint for the next run.
 
     python benchmarks/generate.py [--checkpoint runs/bench-small] [--new-tokens 200] [--repeats 3]
-                                  [--threads 2] [--skip-hf] [--train-steps 600]
+                                  [--threads 2] [--skip-hf] [--train-steps 300]
 
 The last line printed is JSON with every figure.
 """
@@ -57,7 +57,7 @@ def trained_checkpoint(path: Path, steps: int) -> Path:
 
     print(f"no checkpoint at {path}: training the small preset for {steps} steps first")
     config = build_config({"model": {"preset": "small"}, "train": {
-        "out_dir": str(path), "max_steps": steps, "batch_size": 16, "lr": 2e-3, "warmup_steps": 30,
+        "out_dir": str(path), "max_steps": steps, "batch_size": 8, "lr": 2e-3, "warmup_steps": 30,
         "eval_every": 200, "save_every": 100_000}})
     pretrain(config, progress=False)
     return resolve_checkpoint(path)
@@ -166,12 +166,13 @@ def held_out_bits_per_byte(model, tokenizer, run_dir: Path, max_tokens: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="runs/bench-small")
-    parser.add_argument("--train-steps", type=int, default=600, help="steps to train a missing checkpoint")
+    parser.add_argument("--train-steps", type=int, default=300, help="steps to train a missing checkpoint")
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens for bits per byte")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--formats", default="fp32," + ",".join(SCHEMES), help="weight formats to measure")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     path = trained_checkpoint(Path(args.checkpoint), args.train_steps)
@@ -189,7 +190,8 @@ def main() -> None:
         print(f"batch 1, {args.new_tokens} greedy tokens: ours {hf['ours_tokens_per_s']:.1f} tok/s, "
               f"HF generate {hf['hf_tokens_per_s']:.1f} tok/s -> {hf['ratio']:.2f}x "
               f"(same tokens for {hf['same_tokens']} of {hf['of']})")
-    formats = {"fp32": model, **{scheme: quantized(model, scheme) for scheme in SCHEMES}}
+    names = args.formats.split(",")
+    formats = {name: model if name == "fp32" else quantized(model, name) for name in ["fp32", *names] if name}
     figures["formats"] = {}
     for name, variant in formats.items():
         row = decode_figures(variant, tokenizer, prompt, args)

@@ -186,10 +186,10 @@ class CacheRows:
         if end > self.cache.max_length:
             raise BinaryLMError(f"KV cache holds {self.cache.max_length} positions; {end} were asked for")
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        if new == 1:  # decode: one position per row, each at its own length
+        if new == 1 and len(self.row_lengths) > 1:  # decode: one position per row, each at its own length
             keys[self._slots, :, self._lengths] = k[:, :, 0]  # (B, KV, D)
             values[self._slots, :, self._lengths] = v[:, :, 0]
-        else:
+        else:  # one row (a prompt, or batch-1 decode): plain slices are cheaper than index tensors
             for row, length in enumerate(self.row_lengths):
                 keys[self.start + row, :, length:length + new] = k[row]
                 values[self.start + row, :, length:length + new] = v[row]
