@@ -28,6 +28,7 @@ from binarylm.config import RunConfig, config_from_dict
 from binarylm.errors import BinaryLMError
 from binarylm.files import staged_directory, write_atomically, write_json_atomically
 from binarylm.model import Transformer
+from binarylm.model.quant import apply_quantized_structure, quantization_record
 from binarylm.tokenizer import Tokenizer
 from binarylm.tokenizer import load as load_tokenizer
 from binarylm.tokenizer import save as save_tokenizer
@@ -61,8 +62,12 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, toke
 def write_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, config: RunConfig,
                      train_state: dict | None = None, metrics: dict | None = None) -> Path:
     """Write one checkpoint directory at `path`: staged under a temporary name, then renamed into place."""
+    values = config.to_dict()
+    quantization = quantization_record(model)  # None for a float model
+    if quantization is not None:
+        values["quantization"] = quantization  # beside the RunConfig sections, read back by load_checkpoint
     with staged_directory(path) as staging:
-        write_json_atomically(staging / "config.json", config.to_dict())
+        write_json_atomically(staging / "config.json", values)
         save_model(model, str(staging / "model.safetensors"))
         save_tokenizer(tokenizer, staging / "tokenizer.json")
         write_json_atomically(staging / "metrics.json", metrics or {})
@@ -92,10 +97,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     """Model (in eval mode, on `device`), tokenizer and config from a checkpoint or run directory."""
     path = resolve_checkpoint(path)
     try:
-        config = config_from_dict(json.loads((path / "config.json").read_text()))
+        values = json.loads((path / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BinaryLMError(f"{path / 'config.json'} is corrupt ({exc}); use another checkpoint") from None
+    quantization = values.pop("quantization", None)
+    config = config_from_dict(values)
     model = Transformer(config.model)
+    if quantization is not None:  # quantized layers first, so the int8/uint8 tensors load into their own shapes
+        apply_quantized_structure(model, quantization)
     _load_weights(model, path / "model.safetensors")
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
@@ -119,6 +128,11 @@ def _load_weights(model: Transformer, file: Path) -> None:
     problems += [
         f"{name} is {tuple(tensors[name].shape)} where config.json implies {tuple(expected[name].shape)}"
         for name in sorted(expected.keys() & tensors.keys()) if tensors[name].shape != expected[name].shape
+    ]
+    problems += [  # quantized codes are integers: a float tensor in their place would be silently cast
+        f"{name} is {tensors[name].dtype} where config.json implies {expected[name].dtype}"
+        for name in sorted(expected.keys() & tensors.keys())
+        if tensors[name].is_floating_point() != expected[name].is_floating_point()
     ]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""

@@ -6,6 +6,7 @@
     binarylm eval --checkpoint runs/demo
     binarylm convert runs/demo exported/ --to hf       (or --to gguf / binarylm; sources in any of them)
     binarylm info llama-1b                             (a preset, a YAML recipe, a checkpoint or HF directory)
+    binarylm quantize -c runs/demo -o runs/demo-int8 --scheme int8   (every loader reads the result)
     binarylm tokenizer train [INPUT ...] --vocab-size 8192 --output tokenizer.json
     binarylm tokenizer encode --tokenizer tokenizer.json "some text"
     binarylm tokenizer decode --tokenizer tokenizer.json 1 2 3
@@ -144,6 +145,14 @@ def convert(args: argparse.Namespace) -> None:
 
     written = run_convert(args.source, args.output, args.to, gguf_dtype=args.dtype)
     print(f"wrote {args.to} -> {written}")
+
+
+def quantize(args: argparse.Namespace) -> None:
+    from binarylm.model.quant import quantize_checkpoint
+
+    report = quantize_checkpoint(args.checkpoint, args.output, args.scheme, args.group_size, args.skip or ())
+    print(f"{report['scheme']}: {report['layers']} layers, model.safetensors {report['bytes_before'] / 2**20:.1f} MiB "
+          f"-> {report['bytes_after'] / 2**20:.1f} MiB ({report['ratio']:.0%} of the size) -> {report['output']}")
 
 
 def info(args: argparse.Namespace) -> None:
@@ -293,6 +302,16 @@ def _add_run_verbs(verbs) -> None:
     conv.add_argument("--to", required=True, choices=["binarylm", "hf", "gguf"], help="the format to write")
     conv.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="GGUF tensor type for the matrices")
     conv.set_defaults(run=convert, command_parser=conv)
+
+    quant = verbs.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint")
+    quant.add_argument("--checkpoint", "-c", required=True, help="a checkpoint, run, Hugging Face dir or .gguf")
+    quant.add_argument("--output", "-o", required=True, help="the new checkpoint directory")
+    quant.add_argument("--scheme", choices=["int8", "int4"], default="int8",
+                       help="int8: per output channel; int4: per group of input columns")
+    quant.add_argument("--group-size", type=int, default=128, help="int4 group size: 32, 64, 128 or 256")
+    quant.add_argument("--skip", action="append", help="leave layers matching this name pattern in float "
+                                                        "(repeatable), e.g. 'lm_head'")
+    quant.set_defaults(run=quantize, command_parser=quant)
 
     inf = verbs.add_parser("info", help="parameters, FLOPs per token and memory of a model",
                            epilog="Change any model field with --model.KEY VALUE, e.g. --model.n_kv_heads 4.")

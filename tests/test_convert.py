@@ -83,3 +83,19 @@ def test_exporting_an_architecture_the_target_cannot_express_is_refused(tokenize
     assert main(["convert", str(source), str(tmp_path / "out"), "--to", "hf"]) == 2
     assert "llama needs model.n_experts=0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_quantize_command_writes_a_checkpoint_every_loader_reads(tokenizer, tmp_path, capsys):
+    source = checkpoint(tmp_path, tokenizer)
+    assert main(["quantize", "-c", str(source), "-o", str(tmp_path / "q8"), "--scheme", "int8"]) == 0
+    assert "int8:" in capsys.readouterr().out
+    quantized = load_checkpoint(tmp_path / "q8")
+    original = load_checkpoint(source)
+    ids = torch.randint(0, tokenizer.vocab_size, (1, 12))
+    assert (logits(quantized.model, ids) - logits(original.model, ids)).abs().max() < 0.05
+    assert main(["convert", str(tmp_path / "q8"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    exported = load_any(tmp_path / "hf")[0]
+    assert (logits(exported, ids) - logits(quantized.model, ids)).abs().max() < 1e-2  # dequantized, not garbage
+    assert main(["quantize", "-c", str(source), "-o", str(tmp_path / "q4"), "--scheme", "int4", "--group-size",
+                 "48"]) == 2
+    assert "group size must be one of 32, 64, 128, 256" in capsys.readouterr().err

@@ -69,6 +69,10 @@ def convert(source: str | Path, output: str | Path, to: str, gguf_dtype: str = "
     if output.resolve() == Path(source).resolve():
         raise BinaryLMError("the output would overwrite the source; choose another output path")
     model, tokenizer, config = load_any(source)
+    if to != "binarylm" and getattr(model, "quantization", None):
+        from binarylm.model.quant import dequantize_model
+
+        model = dequantize_model(model)  # the other formats are written from float weights
     if to == "hf":
         from binarylm.interop.hf import export_hf
 

@@ -78,11 +78,16 @@ class Transformer(nn.Module):
         if targets is None:
             return self.lm_head(x[:, -1:] if last_only else x), None
         if not return_logits:
-            loss = linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+            loss = linear_cross_entropy(x.view(B * T, -1), self._head_weight(), targets.reshape(B * T))
             return None, self._with_balancing_loss(loss)
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, self._with_balancing_loss(loss)
+
+    def _head_weight(self) -> torch.Tensor:
+        """The output head's float weight (V, C); a quantized head (model/quant.py) dequantizes its own."""
+        dequantized = getattr(self.lm_head, "dequantized_weight", None)
+        return self.lm_head.weight if dequantized is None else dequantized()
 
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(B, T, C): token embeddings plus, for absolute position schemes, the positions' vectors."""
