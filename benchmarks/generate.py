@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import median_seconds  # benchmarks/timing.py (scripts run from benchmarks/)
 
 from binarylm.checkpoint import load_checkpoint, resolve_checkpoint
 from binarylm.config import build_config
@@ -61,15 +62,6 @@ def trained_checkpoint(path: Path, steps: int) -> Path:
         "eval_every": 200, "save_every": 100_000}})
     pretrain(config, progress=False)
     return resolve_checkpoint(path)
-
-
-def median_time(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 # ------------------------------------------------------------------ 1. ours vs Hugging Face
@@ -104,8 +96,8 @@ def versus_hf(model, tokenizer, prompt: list[int], args) -> dict:
     agree = next((i for i, (a, b) in enumerate(zip(ours_ids, theirs_ids)) if a != b), len(ours_ids))
     rounds = {"ours": [], "hf": []}
     for _ in range(args.repeats):  # interleaved, so both see the same noise
-        rounds["ours"].append(median_time(lambda: engine_tokens(engine, prompt, args.new_tokens), 1))
-        rounds["hf"].append(median_time(lambda: hf_tokens(hf, prompt, args.new_tokens), 1))
+        rounds["ours"].append(median_seconds(lambda: engine_tokens(engine, prompt, args.new_tokens), 1))
+        rounds["hf"].append(median_seconds(lambda: hf_tokens(hf, prompt, args.new_tokens), 1))
     ours, theirs = (args.new_tokens / statistics.median(rounds[k]) for k in ("ours", "hf"))
     return {"ours_tokens_per_s": ours, "hf_tokens_per_s": theirs, "ratio": ours / theirs,
             "same_tokens": agree, "of": args.new_tokens}
@@ -152,7 +144,7 @@ def aggregate_rate(model, tokenizer, max_batch: int, args) -> float:
                                              generator=generator)]
     params = [SamplingParams(temperature=0, max_tokens=b, ignore_eos=True) for b in budgets]
     engine = Engine(model, tokenizer, max_batch=max_batch)
-    seconds = median_time(lambda: engine.generate(prompts, params), args.repeats)
+    seconds = median_seconds(lambda: engine.generate(prompts, params), args.repeats)
     return sum(budgets) / seconds
 
 

@@ -15,21 +15,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
+
+from timing import median_seconds  # benchmarks/timing.py (scripts run from benchmarks/)
 
 from binarylm.data.sources import read_texts, stdlib_files
 from binarylm.tokenizer import DEFAULT_SPECIAL_TOKENS, GPT4_PATTERN, cl100k_base, train_bpe
 from binarylm.tokenizer.formats import oniguruma_form
-
-
-def median_seconds(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def hf_train(texts: list[str], vocab_size: int):
