@@ -229,3 +229,17 @@ def test_every_request_gets_a_final_event_even_without_decoding():
     engine.step()
     finals = [(e.request_id, e.finish_reason) for e in events if e.finish_reason]
     assert ("req-0", "length") in finals and (queued, "abort") in finals
+
+
+def test_prompts_admitted_together_are_prefilled_in_one_padded_forward_with_the_same_results():
+    model = model_of("llama-gqa", seed=9)
+    prompts = prompts_of(3, 11, 6)
+    settings = [SamplingParams(max_tokens=0, prompt_logprobs=True),  # scoring only, in the middle of the queue
+                SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=True),
+                SamplingParams(temperature=1.0, seed=4, n=2, max_tokens=8)]
+    together = Engine(model, max_batch=8).generate(prompts, settings)
+    for prompt, setting, done in zip(prompts, settings, together):
+        alone = Engine(model, max_batch=8).generate([prompt], setting)[0]
+        assert [s.token_ids for s in done.samples] == [s.token_ids for s in alone.samples]
+        if setting.prompt_logprobs:
+            assert all(abs(a - b) < 1e-9 for a, b in zip(done.prompt_logprobs[1:], alone.prompt_logprobs[1:]))

@@ -192,31 +192,51 @@ class Engine:
         return [self.finished.pop(request_id) for request_id in ids]
 
     def _admit(self) -> None:
-        while True:
-            with self._lock:
-                if not self.waiting or len(self.running) + self.waiting[0].params.n > self.cache.n_slots:
-                    return
+        """Take every waiting request that fits in the free slots and prefill them together."""
+        admitted: list[_Request] = []
+        with self._lock:
+            free = self.cache.n_slots - len(self.running)
+            while self.waiting and self.waiting[0].params.n <= free:
                 request = self.waiting.popleft()
-            self._prefill(request)
+                free -= request.params.n
+                admitted.append(request)
+        if admitted:
+            # generating requests first: their rows become running slots; scoring-only rows come last
+            self._prefill(sorted(admitted, key=lambda request: request.params.max_tokens == 0))
 
-    def _prefill(self, request: _Request) -> None:
-        """Run the prompt into a free slot, copy it for the other samples, draw every sample's first token."""
-        slot = len(self.running)
-        self.cache.clear(slot)
-        ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, P)
-        params = request.params
-        logits, _ = self.model(ids, cache=self.cache.rows(slot, slot + 1), last_only=not params.prompt_logprobs)
-        logits = _at_least_float32(logits[0])  # (P or 1, V)
-        if params.prompt_logprobs:
-            request.completion.prompt_logprobs = _prompt_logprobs(logits, request.prompt_ids)
-        if params.max_tokens == 0:  # scoring only (echo): nothing to generate
-            self._finish_unstarted(request, "length")
-            return
-        sequences = [self._start_sequence(request, sample, slot + sample.index)
-                     for sample in request.completion.samples]
-        for index in range(1, len(sequences)):
-            self.cache.copy_slot(slot, slot + index)
-        self._advance(sequences, slot, logits[-1:].expand(len(sequences), -1))
+    def _prefill(self, requests: list[_Request]) -> None:
+        """Run the prompts, padded to one width, into free slots; copy each for its other samples; draw every
+        sample's first token. One forward for all of them, each row ending at its own last token."""
+        first = len(self.running)
+        lengths = [len(request.prompt_ids) for request in requests]
+        ids = torch.zeros((len(requests), max(lengths)), dtype=torch.long, device=self.device)  # (k, P_max)
+        for row, request in enumerate(requests):
+            ids[row, : lengths[row]] = torch.tensor(request.prompt_ids, device=self.device)
+            self.cache.clear(first + row)
+        scoring = any(request.params.prompt_logprobs for request in requests)
+        rows = self.cache.rows(first, first + len(requests), lengths if len(requests) > 1 else None)
+        logits, _ = self.model(ids, cache=rows, last_only=not scoring)  # (k, 1 or P_max, V)
+        logits = _at_least_float32(logits)
+        last = logits[:, -1] if not scoring else logits[torch.arange(len(requests)), torch.tensor(lengths) - 1]
+        for row, request in enumerate(requests):
+            if request.params.prompt_logprobs:
+                request.completion.prompt_logprobs = _prompt_logprobs(logits[row, : lengths[row]], request.prompt_ids)
+            if request.params.max_tokens == 0:  # scoring only (echo): nothing to generate
+                self._finish_unstarted(request, "length")
+        self._start_samples([r for r in requests if r.params.max_tokens > 0], first, last)
+
+    def _start_samples(self, requests: list[_Request], first: int, last_logits: torch.Tensor) -> None:
+        """Sample 0 of request i runs in slot first + i (its prompt's row); samples 1.. get copies after those."""
+        sequences = [self._start_sequence(request, request.completion.samples[0], first + row)
+                     for row, request in enumerate(requests)]
+        source_rows = list(range(len(requests)))
+        for row, request in enumerate(requests):
+            for sample in request.completion.samples[1:]:
+                self.cache.copy_slot(first + row, len(self.running))
+                sequences.append(self._start_sequence(request, sample, len(self.running)))
+                source_rows.append(row)
+        if sequences:
+            self._advance(sequences, first, last_logits[source_rows])
 
     def _start_sequence(self, request: _Request, sample: Sample, slot: int) -> _Sequence:
         params = request.params

@@ -76,13 +76,21 @@ class Transformer(nn.Module):
             cache.advance(T)
         x = self.final_norm(x)  # (B, T, C)
         if targets is None:
-            return self.lm_head(x[:, -1:] if last_only else x), None
+            return self.lm_head(self._last_positions(x, cache) if last_only else x), None
         if not return_logits:
             loss = linear_cross_entropy(x.view(B * T, -1), self._head_weight(), targets.reshape(B * T))
             return None, self._with_balancing_loss(loss)
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, self._with_balancing_loss(loss)
+
+    @staticmethod
+    def _last_positions(x: torch.Tensor, cache) -> torch.Tensor:
+        """(B, 1, C): each row's last real position (padded prompts of a batched cache end at their own)."""
+        last = getattr(cache, "last_index", None)  # (B,) or None
+        if last is None:
+            return x[:, -1:]
+        return x[torch.arange(x.shape[0], device=x.device), last][:, None]
 
     def _head_weight(self) -> torch.Tensor:
         """The output head's float weight (V, C); a quantized head (model/quant.py) dequantizes its own."""

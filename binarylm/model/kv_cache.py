@@ -134,8 +134,10 @@ class BatchKVCache:
     def n_slots(self) -> int:
         return len(self.lengths)
 
-    def rows(self, start: int, stop: int) -> CacheRows:
-        return CacheRows(self, start, stop)
+    def rows(self, start: int, stop: int, new_lengths: list[int] | None = None) -> CacheRows:
+        """Slots start .. stop-1 as the cache of one forward; `new_lengths` gives each row's real token count
+        when the rows are prompts of different lengths padded to one width."""
+        return CacheRows(self, start, stop, new_lengths)
 
     def copy_slot(self, source: int, target: int) -> None:
         """Make slot `target` hold the same sequence as slot `source` (its filled positions only)."""
@@ -154,8 +156,9 @@ class BatchKVCache:
 class CacheRows:
     """Slots start .. stop-1 of a BatchKVCache, as the cache of one forward (the model's cache interface)."""
 
-    def __init__(self, cache: BatchKVCache, start: int, stop: int):
+    def __init__(self, cache: BatchKVCache, start: int, stop: int, new_lengths: list[int] | None = None):
         self.cache, self.start, self.stop = cache, start, stop
+        self.new_lengths = new_lengths  # padded prompts: the real tokens per row (the rest is padding)
         self.row_lengths = cache.lengths[start:stop]
         self.length = max(self.row_lengths)  # the longest row: what the context check needs
         self._lengths = torch.tensor(self.row_lengths, device=cache.device)  # (B,)
@@ -195,6 +198,15 @@ class CacheRows:
                 values[self.start + row, :, length:length + new] = v[row]
         return keys[self.start:self.stop, :, :end], values[self.start:self.stop, :, :end]
 
+    @property
+    def last_index(self) -> torch.Tensor | None:
+        """(B,) the index of each row's last real token in a padded batch; None when rows are not padded."""
+        if self.new_lengths is None:
+            return None
+        return torch.tensor(self.new_lengths, device=self.cache.device) - 1
+
     def advance(self, steps: int) -> None:
-        for slot in range(self.start, self.stop):
-            self.cache.lengths[slot] += steps
+        """Each row now holds its real new tokens; padding positions are overwritten before anything sees them
+        (a row's next token is written at its own length, and the mask hides positions past the query)."""
+        for row, slot in enumerate(range(self.start, self.stop)):
+            self.cache.lengths[slot] += steps if self.new_lengths is None else self.new_lengths[row]
