@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: torch from the index"; \
 	else $(BIN)/pip install --quiet $(TORCH); fi
-	$(BIN)/pip install --quiet -e ".[dev,interop,eval]"
+	$(BIN)/pip install --quiet -e ".[dev,interop,eval,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -7,6 +7,7 @@
     binarylm convert runs/demo exported/ --to hf       (or --to gguf / binarylm; sources in any of them)
     binarylm info llama-1b                             (a preset, a YAML recipe, a checkpoint or HF directory)
     binarylm quantize -c runs/demo -o runs/demo-int8 --scheme int8   (every loader reads the result)
+    binarylm serve -c runs/demo --port 8000            (OpenAI-compatible /v1/completions)
     binarylm tokenizer train [INPUT ...] --vocab-size 8192 --output tokenizer.json
     binarylm tokenizer encode --tokenizer tokenizer.json "some text"
     binarylm tokenizer decode --tokenizer tokenizer.json 1 2 3
@@ -145,6 +146,24 @@ def convert(args: argparse.Namespace) -> None:
 
     written = run_convert(args.source, args.output, args.to, gguf_dtype=args.dtype)
     print(f"wrote {args.to} -> {written}")
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from binarylm.checkpoint import load_checkpoint
+    from binarylm.infer.engine import Engine
+    from binarylm.serve.app import create_app
+    from binarylm.serve.runner import EngineRunner
+
+    saved = load_checkpoint(args.checkpoint, device=args.device)
+    runner = EngineRunner(Engine(saved.model, saved.tokenizer, max_batch=args.max_batch)).start()
+    name = args.model_name or saved.path.parent.name
+    print(f"serving {saved.path} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(create_app(runner, saved.tokenizer, name), host=args.host, port=args.port, log_level="warning")
+    finally:
+        runner.stop()
 
 
 def quantize(args: argparse.Namespace) -> None:
@@ -302,6 +321,15 @@ def _add_run_verbs(verbs) -> None:
     conv.add_argument("--to", required=True, choices=["binarylm", "hf", "gguf"], help="the format to write")
     conv.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="GGUF tensor type for the matrices")
     conv.set_defaults(run=convert, command_parser=conv)
+
+    srv = verbs.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    srv.add_argument("--checkpoint", "-c", required=True, help="a run directory or one of its ckpt-* folders")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
+    srv.add_argument("--model-name", help="the name clients use (default: the run directory's name)")
+    srv.add_argument("--device", default="cpu")
+    srv.set_defaults(run=serve, command_parser=srv)
 
     quant = verbs.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint")
     quant.add_argument("--checkpoint", "-c", required=True, help="a checkpoint, run, Hugging Face dir or .gguf")

@@ -92,6 +92,7 @@ class _Request:
     params: SamplingParams
     on_event: Callable[[Event], None] | None
     completion: Completion
+    on_complete: Callable[[Completion], None] | None = None
 
 
 @dataclass
@@ -131,8 +132,12 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                    on_event: Callable[[Event], None] | None = None, request_id: str | None = None) -> str:
-        """Queue a request; it starts at the next `step()`. Returns its id."""
+                    on_event: Callable[[Event], None] | None = None, request_id: str | None = None,
+                    on_complete: Callable[[Completion], None] | None = None) -> str:
+        """Queue a request; it starts at the next `step()`. Returns its id.
+
+        `on_event` gets each streamed Event; `on_complete` gets the whole Completion once every sample has
+        ended (it is also kept in `finished` until someone pops it)."""
         params = (params or SamplingParams()).validate(self.vocab_size)
         prompt_ids = [int(i) for i in prompt_ids]
         self._check_request(prompt_ids, params)
@@ -142,7 +147,7 @@ class Engine:
             if request_id in self._known_ids():
                 raise BinaryLMError(f"request id {request_id!r} is already in use; give each request its own id")
             completion.request_id = request_id
-            self.waiting.append(_Request(request_id, prompt_ids, params, on_event, completion))
+            self.waiting.append(_Request(request_id, prompt_ids, params, on_event, completion, on_complete))
         return request_id
 
     def _known_ids(self) -> set[str]:
@@ -333,6 +338,8 @@ class Engine:
     def _complete_if_done(self, request: _Request) -> None:
         if all(sample.finish_reason for sample in request.completion.samples):
             self.finished[request.request_id] = request.completion
+            if request.on_complete is not None:
+                request.on_complete(request.completion)
 
     def _apply_aborts(self) -> None:
         with self._lock:

@@ -1,0 +1,261 @@
+"""The HTTP API: OpenAI-compatible completions on top of the shared engine.
+
+    POST /v1/completions      prompt(s) as text or token ids; streaming as server-sent events
+    GET  /v1/models           the one model this server holds
+    POST /tokenize            text -> token ids       (vLLM's shapes)
+    POST /detokenize          token ids -> text
+    GET  /tokenizer_info      vocabulary size and special tokens
+    GET  /health              200 once the model is loaded
+
+Errors always have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad
+request (an unknown field, a prompt plus max_tokens beyond the context), 404 for an unknown
+model or route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from binarylm.errors import BinaryLMError
+from binarylm.infer.engine import Completion, Event, TokenLogprob
+from binarylm.serve.protocol import CompletionRequest, DetokenizeRequest, TokenizeRequest
+from binarylm.serve.runner import EngineRunner
+from binarylm.tokenizer import Tokenizer
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str) -> FastAPI:
+    """The FastAPI application serving `runner`'s engine under the name `model_name`."""
+    app = FastAPI(title="BinaryLM", version="1")
+    context = runner.engine.max_length
+    created = int(time.time())
+    _install_error_handlers(app)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
+                           "not_found_error", "model")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "binarylm",
+                "max_model_len": context}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        check_model(body.model)
+        tokens = tokenizer.encode(body.prompt, allowed_special="all")
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": context}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        check_model(body.model)
+        bad = next((t for t in body.tokens if not 0 <= t < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary of {tokenizer.vocab_size}", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict:
+        return {"tokenizer_class": "BinaryLM byte-level BPE", "vocab_size": tokenizer.vocab_size,
+                "model_max_length": context, "eos_token_id": tokenizer.eot_id,
+                "special_tokens": tokenizer.special_tokens, "pattern": tokenizer.pattern}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        job = CompletionJob(runner, tokenizer, model_name, body)
+        job.submit(asyncio.get_running_loop())
+        if body.stream:
+            return StreamingResponse(job.stream(request), media_type="text/event-stream")
+        return await job.collect()
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, error: APIError) -> JSONResponse:
+        return JSONResponse(error_body(error.message, error.kind, error.param), status_code=error.status)
+
+    @app.exception_handler(BinaryLMError)
+    async def bad_input(_: Request, error: BinaryLMError) -> JSONResponse:
+        return JSONResponse(error_body(str(error), "invalid_request_error"), status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"] if part != "body")
+        return JSONResponse(error_body(f"{where}: {first['msg']}", "invalid_request_error", where or None),
+                            status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(error.detail), kind), status_code=error.status_code)
+
+
+class CompletionJob:
+    """One /v1/completions call: its prompts submitted to the engine, then collected or streamed."""
+
+    def __init__(self, runner: EngineRunner, tokenizer: Tokenizer, model_name: str, body: CompletionRequest):
+        self.runner, self.tokenizer, self.model_name, self.body = runner, tokenizer, model_name, body
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        self.prompts = self._prompt_ids(body.prompt)
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.request_ids: list[str] = []
+
+    def _prompt_ids(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [self.tokenizer.encode(prompt, allowed_special="all")]
+        if prompt and all(isinstance(item, int) for item in prompt):
+            return [list(prompt)]
+        if not prompt:
+            raise APIError(400, "prompt is empty; give text, a list of texts or token ids", param="prompt")
+        return [self.tokenizer.encode(p, allowed_special="all") if isinstance(p, str) else list(p) for p in prompt]
+
+    def submit(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Queue every prompt; if one is refused (too long, bad ids), withdraw the ones already queued."""
+        params = self.body.sampling_params()
+        try:
+            for prompt in self.prompts:
+                request_id, queue = self.runner.submit(prompt, params, loop)
+                self.request_ids.append(request_id)
+                self._forward(queue)
+        except BinaryLMError:
+            for request_id in self.request_ids:
+                self.runner.abort(request_id)
+            raise
+
+    def _forward(self, queue: asyncio.Queue) -> None:
+        async def pump() -> None:
+            while True:
+                item = await queue.get()
+                await self.queue.put(item)
+                if isinstance(item, Completion):
+                    return
+        asyncio.ensure_future(pump())
+
+    def _choice_index(self, request_id: str, sample: int) -> int:
+        return self.request_ids.index(request_id) * self.body.n + sample
+
+    async def collect(self) -> dict:
+        completions: dict[str, Completion] = {}
+        while len(completions) < len(self.request_ids):
+            item = await self.queue.get()
+            if isinstance(item, Completion):
+                completions[item.request_id] = item
+        choices = [self._choice(completions[rid], sample.index) for rid in self.request_ids
+                   for sample in completions[rid].samples]
+        generated = sum(len(s.token_ids) for c in completions.values() for s in c.samples)
+        prompt_tokens = sum(len(p) for p in self.prompts)
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
+                "choices": choices, "usage": _usage(prompt_tokens, generated)}
+
+    def _choice(self, completion: Completion, index: int) -> dict:
+        sample = completion.samples[index]
+        prompt_text = self.tokenizer.decode(completion.prompt_ids)
+        logprobs = None
+        if self.body.logprobs is not None:  # offsets count from the start of the prompt, as OpenAI's do
+            logprobs = self._logprobs(completion, sample.logprobs or [], 0 if self.body.echo else len(prompt_text))
+        text = prompt_text + sample.text if self.body.echo else sample.text
+        return {"index": self._choice_index(completion.request_id, index), "text": text,
+                "logprobs": logprobs, "finish_reason": sample.finish_reason}
+
+    def _logprobs(self, completion: Completion, generated: list[TokenLogprob], offset: int) -> dict:
+        """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+        entries: list[tuple[int, float | None, dict | None]] = []
+        if self.body.echo:
+            prompt_lp = completion.prompt_logprobs or [None] * len(completion.prompt_ids)
+            entries += [(t, lp, None) for t, lp in zip(completion.prompt_ids, prompt_lp)]
+        entries += [(e.token_id, e.logprob, {self.tokenizer.decode([t]): lp for t, lp in e.top}) for e in generated]
+        tokens, offsets = [], []
+        for token_id, _, _ in entries:
+            text = self.tokenizer.decode([token_id])
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [top for _, _, top in entries], "text_offset": offsets}
+
+    async def stream(self, request: Request) -> AsyncIterator[str]:
+        finished = 0
+        generated = 0
+        try:
+            if self.body.echo:
+                for request_id, prompt in zip(self.request_ids, self.prompts):
+                    text = self.tokenizer.decode(prompt)
+                    for sample in range(self.body.n):
+                        yield _sse(self._chunk(Event(request_id, sample, text=text)))
+            while finished < len(self.request_ids):
+                item = await self._next(request)
+                if isinstance(item, Completion):
+                    finished += 1
+                    continue
+                generated += item.token_id is not None
+                yield _sse(self._chunk(item))
+            if self.body.stream_options and self.body.stream_options.include_usage:
+                usage = _usage(sum(len(p) for p in self.prompts), generated)
+                yield _sse({**self._chunk_head(), "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+        except ClientGone:
+            for request_id in self.request_ids:
+                self.runner.abort(request_id)
+
+    async def _next(self, request: Request):
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout=0.5)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    raise ClientGone from None
+
+    def _chunk_head(self) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name}
+
+    def _chunk(self, event: Event) -> dict:
+        logprobs = None
+        if self.body.logprobs is not None and event.logprob is not None:
+            text = self.tokenizer.decode([event.token_id])
+            top = {self.tokenizer.decode([t]): lp for t, lp in event.logprob.top}
+            logprobs = {"tokens": [text], "token_logprobs": [event.logprob.logprob], "top_logprobs": [top],
+                        "text_offset": [0]}
+        choice = {"index": self._choice_index(event.request_id, event.index), "text": event.text,
+                  "logprobs": logprobs, "finish_reason": event.finish_reason}
+        return {**self._chunk_head(), "choices": [choice]}
+
+
+class ClientGone(Exception):
+    """The streaming client disconnected; its requests are aborted."""
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

@@ -1,0 +1,69 @@
+"""The bridge between asyncio request handlers and the synchronous engine.
+
+One background thread owns the `Engine` and calls `step()` whenever there is
+work, sleeping on a condition otherwise. A handler submits a request and gets
+an asyncio queue; the engine's callbacks, which run on the engine thread, hand
+each Event (and finally the Completion) to that queue with
+`loop.call_soon_threadsafe`, so the handler can stream without blocking the
+event loop. A handler whose client goes away calls `abort`, which frees the
+slot at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+from binarylm.infer.engine import Completion, Engine, Event
+from binarylm.infer.sampling import SamplingParams
+
+
+class EngineRunner:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="binarylm-engine", daemon=True)
+
+    def start(self) -> EngineRunner:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let the running requests finish (up to `timeout` seconds), then end the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               loop: asyncio.AbstractEventLoop) -> tuple[str, asyncio.Queue]:
+        """Queue a request; its Events, then its Completion, arrive on the returned queue."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def deliver(item: Event | Completion) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def complete(completion: Completion) -> None:
+            self.engine.finished.pop(completion.request_id, None)  # the queue has it; keep nothing behind
+            deliver(completion)
+
+        request_id = self.engine.add_request(prompt_ids, params, on_event=deliver, on_complete=complete)
+        with self._wake:
+            self._wake.notify()
+        return request_id, queue
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+        with self._wake:
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self.engine.has_work() and not self._stopping:
+                    self._wake.wait(timeout=0.5)
+                if self._stopping and not self.engine.has_work():
+                    return
+            self.engine.step()

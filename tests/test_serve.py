@@ -1,0 +1,108 @@
+"""The HTTP API, driven by the real `openai` client and by raw requests."""
+
+import json
+
+import pytest
+import torch
+
+from binarylm.config import ModelConfig
+from binarylm.infer.engine import Engine
+from binarylm.infer.sampling import SamplingParams
+from binarylm.model import Transformer
+
+fastapi = pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from binarylm.serve.app import create_app  # noqa: E402
+from binarylm.serve.runner import EngineRunner  # noqa: E402
+
+PROMPT = "def main():\n    "
+
+
+@pytest.fixture(scope="module")
+def served(small_tokenizer):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=2, n_head=2, d_model=32)
+    model = Transformer(config).eval()
+    runner = EngineRunner(Engine(model, small_tokenizer, max_batch=4)).start()
+    client = TestClient(create_app(runner, small_tokenizer, "tiny"))
+    yield model, small_tokenizer, client
+    runner.stop()
+
+
+def direct(model, tokenizer, prompt: str, **settings) -> str:
+    engine = Engine(model, tokenizer, max_batch=1)
+    return engine.generate([tokenizer.encode(prompt)], SamplingParams(**settings))[0].samples[0].text
+
+
+def test_the_openai_client_gets_the_engines_greedy_text(served):
+    model, tokenizer, client = served
+    api = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=client)
+    answer = api.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert answer.choices[0].text == direct(model, tokenizer, PROMPT, max_tokens=12, temperature=0)
+    assert answer.choices[0].finish_reason in ("length", "stop")
+    assert answer.usage.prompt_tokens == len(tokenizer.encode(PROMPT))
+    assert [m.id for m in api.models.list().data] == ["tiny"]
+
+
+def test_streaming_adds_up_to_the_whole_answer_and_reports_usage(served):
+    model, tokenizer, client = served
+    api = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=client)
+    chunks = list(api.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == direct(model, tokenizer, PROMPT, max_tokens=10, temperature=0)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_several_prompts_n_samples_token_ids_and_echo_with_logprobs(served):
+    _, tokenizer, client = served
+    ids = tokenizer.encode("import os\n")
+    body = {"prompt": [PROMPT, "import os\n"], "max_tokens": 5, "temperature": 0.9, "seed": 3, "n": 2, "logprobs": 2,
+            "echo": True}
+    answer = client.post("/v1/completions", json=body).json()
+    assert sorted(c["index"] for c in answer["choices"]) == [0, 1, 2, 3]
+    second = next(c for c in answer["choices"] if c["index"] == 2)
+    assert second["text"].startswith("import os\n")
+    lp = second["logprobs"]
+    assert lp["token_logprobs"][0] is None and len(lp["tokens"]) == len(ids) + 5
+    assert all(len(top) == 2 for top in lp["top_logprobs"][len(ids):])
+    assert lp["text_offset"][len(ids)] == len("import os\n")
+    by_ids = client.post("/v1/completions", json={**body, "prompt": [ids], "echo": False, "n": 1}).json()
+    assert by_ids["usage"]["prompt_tokens"] == len(ids)
+    assert by_ids["choices"][0]["logprobs"]["text_offset"][0] == len("import os\n")  # counted from the prompt start
+
+
+def test_tokenize_detokenize_and_tokenizer_info(served):
+    _, tokenizer, client = served
+    tokens = client.post("/tokenize", json={"prompt": PROMPT}).json()
+    assert tokens["tokens"] == tokenizer.encode(PROMPT) and tokens["max_model_len"] == 64
+    assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": PROMPT}
+    assert client.get("/tokenizer_info").json()["vocab_size"] == tokenizer.vocab_size
+    assert client.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("method, path, body, status, words", [
+    ("post", "/v1/completions", {"prompt": "x" * 200, "max_tokens": 60}, 400, "exceed the context"),
+    ("post", "/v1/completions", {"prompt": "x", "temprature": 0}, 400, "temprature"),
+    ("post", "/v1/completions", {"prompt": "x", "model": "gpt-5"}, 404, "does not exist"),
+    ("post", "/v1/completions", {"prompt": [], "max_tokens": 1}, 400, "prompt is empty"),
+    ("post", "/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ("get", "/v1/nothing", None, 404, "Not Found"),
+])
+def test_errors_have_openais_shape(served, method, path, body, status, words):
+    _, _, client = served
+    response = client.request(method, path, json=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert words in error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+def test_sse_wire_format_ends_with_done(served):
+    _, _, client = served
+    with client.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "stream": True}) as reply:
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
