@@ -106,3 +106,26 @@ def test_sse_wire_format_ends_with_done(served):
     assert lines[-1] == "data: [DONE]"
     assert all(line.startswith("data: ") for line in lines)
     assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def test_chat_completions_render_the_template_and_stream_deltas(served):
+    from binarylm.data.chat import render_chat
+
+    model, tokenizer, client = served
+    api = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=client)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f():"}]
+    answer = api.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                         logprobs=True, top_logprobs=2)
+    rendered = render_chat(messages, tokenizer)
+    expected = Engine(model, tokenizer).generate([rendered.prompt_ids], SamplingParams(
+        temperature=0, max_tokens=8, stop_token_ids=rendered.stop_token_ids))[0].samples[0]
+    assert answer.choices[0].message.role == "assistant" and answer.choices[0].message.content == expected.text
+    assert len(answer.choices[0].logprobs.content) == len(expected.token_ids)
+    assert answer.usage.prompt_tokens == len(rendered.prompt_ids)
+    chunks = list(api.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                              stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    bad = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "hi"}]})
+    assert bad.status_code == 400 and "role in system, user, assistant" in bad.json()["error"]["message"]

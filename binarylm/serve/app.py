@@ -1,6 +1,7 @@
 """The HTTP API: OpenAI-compatible completions on top of the shared engine.
 
     POST /v1/completions      prompt(s) as text or token ids; streaming as server-sent events
+    POST /v1/chat/completions messages rendered with the chat template (binarylm/data/chat.py)
     GET  /v1/models           the one model this server holds
     POST /tokenize            text -> token ids       (vLLM's shapes)
     POST /detokenize          token ids -> text
@@ -25,9 +26,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from binarylm.data.chat import render_chat
 from binarylm.errors import BinaryLMError
 from binarylm.infer.engine import Completion, Event, TokenLogprob
-from binarylm.serve.protocol import CompletionRequest, DetokenizeRequest, TokenizeRequest
+from binarylm.infer.sampling import SamplingParams
+from binarylm.serve.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from binarylm.serve.runner import EngineRunner
 from binarylm.tokenizer import Tokenizer
 
@@ -84,14 +87,20 @@ def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str) -> F
                 "model_max_length": context, "eos_token_id": tokenizer.eot_id,
                 "special_tokens": tokenizer.special_tokens, "pattern": tokenizer.pattern}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
-        job = CompletionJob(runner, tokenizer, model_name, body)
+    async def run(job: CompletionJob, request: Request):
+        check_model(job.body.model)
         job.submit(asyncio.get_running_loop())
-        if body.stream:
+        if job.body.stream:
             return StreamingResponse(job.stream(request), media_type="text/event-stream")
         return await job.collect()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await run(CompletionJob(runner, tokenizer, model_name, body), request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request):
+        return await run(ChatJob(runner, tokenizer, model_name, body), request)
 
     return app
 
@@ -121,12 +130,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 class CompletionJob:
     """One /v1/completions call: its prompts submitted to the engine, then collected or streamed."""
 
-    def __init__(self, runner: EngineRunner, tokenizer: Tokenizer, model_name: str, body: CompletionRequest):
+    prefix, object_name, chunk_name = "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, runner: EngineRunner, tokenizer: Tokenizer, model_name: str, body):
         self.runner, self.tokenizer, self.model_name, self.body = runner, tokenizer, model_name, body
-        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        self.prompts = self._prompt_ids(body.prompt)
+        self.id, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.params = body.settings()
+        self.prompts = self._prompts()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.request_ids: list[str] = []
+
+    def _prompts(self) -> list[list[int]]:
+        return self._prompt_ids(self.body.prompt)
 
     def _prompt_ids(self, prompt) -> list[list[int]]:
         if isinstance(prompt, str):
@@ -139,10 +154,9 @@ class CompletionJob:
 
     def submit(self, loop: asyncio.AbstractEventLoop) -> None:
         """Queue every prompt; if one is refused (too long, bad ids), withdraw the ones already queued."""
-        params = self.body.sampling_params()
         try:
             for prompt in self.prompts:
-                request_id, queue = self.runner.submit(prompt, params, loop)
+                request_id, queue = self.runner.submit(prompt, self.params, loop)
                 self.request_ids.append(request_id)
                 self._forward(queue)
         except BinaryLMError:
@@ -172,7 +186,7 @@ class CompletionJob:
                    for sample in completions[rid].samples]
         generated = sum(len(s.token_ids) for c in completions.values() for s in c.samples)
         prompt_tokens = sum(len(p) for p in self.prompts)
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name,
+        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model_name,
                 "choices": choices, "usage": _usage(prompt_tokens, generated)}
 
     def _choice(self, completion: Completion, index: int) -> dict:
@@ -205,11 +219,8 @@ class CompletionJob:
         finished = 0
         generated = 0
         try:
-            if self.body.echo:
-                for request_id, prompt in zip(self.request_ids, self.prompts):
-                    text = self.tokenizer.decode(prompt)
-                    for sample in range(self.body.n):
-                        yield _sse(self._chunk(Event(request_id, sample, text=text)))
+            for chunk in self._opening_chunks():
+                yield _sse(chunk)
             while finished < len(self.request_ids):
                 item = await self._next(request)
                 if isinstance(item, Completion):
@@ -233,8 +244,15 @@ class CompletionJob:
                 if await request.is_disconnected():
                     raise ClientGone from None
 
+    def _opening_chunks(self) -> list[dict]:
+        """With echo, each choice's stream starts with its prompt text."""
+        if not self.body.echo:
+            return []
+        return [self._chunk(Event(request_id, sample, text=self.tokenizer.decode(prompt)))
+                for request_id, prompt in zip(self.request_ids, self.prompts) for sample in range(self.body.n)]
+
     def _chunk_head(self) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model_name}
+        return {"id": self.id, "object": self.chunk_name, "created": self.created, "model": self.model_name}
 
     def _chunk(self, event: Event) -> dict:
         logprobs = None
@@ -246,6 +264,44 @@ class CompletionJob:
         choice = {"index": self._choice_index(event.request_id, event.index), "text": event.text,
                   "logprobs": logprobs, "finish_reason": event.finish_reason}
         return {**self._chunk_head(), "choices": [choice]}
+
+
+class ChatJob(CompletionJob):
+    """One /v1/chat/completions call: the conversation rendered by the chat template, answers as messages."""
+
+    prefix, object_name, chunk_name = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def _prompts(self) -> list[list[int]]:
+        rendered = render_chat([m.model_dump(exclude_none=True) for m in self.body.messages], self.tokenizer)
+        self.params = SamplingParams(**{**vars(self.params), "stop": [*self.params.stop, *rendered.stop],
+                                        "stop_token_ids": [*self.params.stop_token_ids, *rendered.stop_token_ids]})
+        return [rendered.prompt_ids]
+
+    def _choice(self, completion: Completion, index: int) -> dict:
+        sample = completion.samples[index]
+        logprobs = {"content": [self._token_entry(e) for e in sample.logprobs]} if sample.logprobs is not None else None
+        return {"index": index, "message": {"role": "assistant", "content": sample.text}, "logprobs": logprobs,
+                "finish_reason": sample.finish_reason}
+
+    def _opening_chunks(self) -> list[dict]:
+        """Each choice's stream starts by naming the speaker, as OpenAI's does."""
+        choices = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for i in range(self.body.n)]
+        return [{**self._chunk_head(), "choices": [choice]} for choice in choices]
+
+    def _chunk(self, event: Event) -> dict:
+        delta = {"content": event.text} if event.text or event.finish_reason is None else {}
+        logprobs = {"content": [self._token_entry(event.logprob)]} if event.logprob and self.body.logprobs else None
+        choice = {"index": event.index, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}
+        return {**self._chunk_head(), "choices": [choice]}
+
+    def _token_entry(self, entry: TokenLogprob) -> dict:
+        def described(token_id: int, logprob: float) -> dict:
+            text = self.tokenizer.decode([token_id])
+            return {"token": text, "logprob": logprob, "bytes": list(self.tokenizer.decode_bytes([token_id]))}
+
+        return {**described(entry.token_id, entry.logprob),
+                "top_logprobs": [described(token_id, lp) for token_id, lp in entry.top]}
 
 
 class ClientGone(Exception):

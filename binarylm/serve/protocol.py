@@ -18,10 +18,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
+class SamplingFields(BaseModel):
+    """The settings completions and chat completions share."""
+
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     max_tokens: int = 16
     temperature: float = 1.0
@@ -31,8 +32,6 @@ class CompletionRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = None
-    echo: bool = False
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     seed: int | None = None
@@ -43,7 +42,7 @@ class CompletionRequest(BaseModel):
     ignore_eos: bool = False
     user: str | None = None
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, logprobs: int | None = None, prompt_logprobs: bool = False) -> SamplingParams:
         try:
             bias = {int(token): value for token, value in self.logit_bias.items()}
         except ValueError:
@@ -53,8 +52,36 @@ class CompletionRequest(BaseModel):
             min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, logit_bias=bias, stop=_as_list(self.stop),
             stop_token_ids=list(self.stop_token_ids), ignore_eos=self.ignore_eos, seed=self.seed, n=self.n,
-            logprobs=self.logprobs, prompt_logprobs=self.echo and self.logprobs is not None,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None  # the legacy API: how many alternatives per token
+    echo: bool = False
+
+    def settings(self) -> SamplingParams:
+        return self.sampling_params(self.logprobs, prompt_logprobs=self.echo and self.logprobs is not None)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: str
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # the newer name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    def settings(self) -> SamplingParams:
+        if self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return self.sampling_params(self.top_logprobs if self.logprobs else None)
 
 
 class TokenizeRequest(BaseModel):
