@@ -156,6 +156,10 @@ def serve(args: argparse.Namespace) -> None:
     from binarylm.serve.app import create_app
     from binarylm.serve.runner import EngineRunner
 
+    access = logging.getLogger("binarylm.access")  # one JSON line per request, on stderr
+    access.setLevel(logging.INFO)
+    access.addHandler(logging.StreamHandler())
+    access.propagate = False
     saved = load_checkpoint(args.checkpoint, device=args.device)
     runner = EngineRunner(Engine(saved.model, saved.tokenizer, max_batch=args.max_batch)).start()
     name = args.model_name or saved.path.parent.name

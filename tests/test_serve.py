@@ -129,3 +129,17 @@ def test_chat_completions_render_the_template_and_stream_deltas(served):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     bad = client.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "hi"}]})
     assert bad.status_code == 400 and "role in system, user, assistant" in bad.json()["error"]["message"]
+
+
+def test_metrics_and_request_ids(served):
+    _, _, client = served
+    reply = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0},
+                        headers={"x-request-id": "client-7"})
+    assert reply.headers["x-request-id"] == "client-7"
+    text = client.get("/metrics").text
+    for name in ("binarylm_time_to_first_token_seconds_count", "binarylm_queue_time_seconds_count",
+                 "binarylm_inter_token_latency_seconds_bucket", 'binarylm_requests_total{outcome="ok"}',
+                 "binarylm_generation_tokens_total", "binarylm_requests_running", "binarylm_http_requests_total"):
+        assert name in text
+    counts = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert counts["binarylm_generation_tokens_total"] >= 4

@@ -93,6 +93,7 @@ class _Request:
     on_event: Callable[[Event], None] | None
     completion: Completion
     on_complete: Callable[[Completion], None] | None = None
+    on_admit: Callable[[], None] | None = None
 
 
 @dataclass
@@ -133,11 +134,13 @@ class Engine:
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
                     on_event: Callable[[Event], None] | None = None, request_id: str | None = None,
-                    on_complete: Callable[[Completion], None] | None = None) -> str:
+                    on_complete: Callable[[Completion], None] | None = None,
+                    on_admit: Callable[[], None] | None = None) -> str:
         """Queue a request; it starts at the next `step()`. Returns its id.
 
-        `on_event` gets each streamed Event; `on_complete` gets the whole Completion once every sample has
-        ended (it is also kept in `finished` until someone pops it)."""
+        `on_admit` is called when it leaves the queue for a slot; `on_event` gets each streamed Event;
+        `on_complete` gets the whole Completion once every sample has ended (it is also kept in `finished`
+        until someone pops it). Callbacks run on the thread that calls `step()`."""
         params = (params or SamplingParams()).validate(self.vocab_size)
         prompt_ids = [int(i) for i in prompt_ids]
         self._check_request(prompt_ids, params)
@@ -147,7 +150,7 @@ class Engine:
             if request_id in self._known_ids():
                 raise BinaryLMError(f"request id {request_id!r} is already in use; give each request its own id")
             completion.request_id = request_id
-            self.waiting.append(_Request(request_id, prompt_ids, params, on_event, completion, on_complete))
+            self.waiting.append(_Request(request_id, prompt_ids, params, on_event, completion, on_complete, on_admit))
         return request_id
 
     def _known_ids(self) -> set[str]:
@@ -212,6 +215,9 @@ class Engine:
     def _prefill(self, requests: list[_Request]) -> None:
         """Run the prompts, padded to one width, into free slots; copy each for its other samples; draw every
         sample's first token. One forward for all of them, each row ending at its own last token."""
+        for request in requests:
+            if request.on_admit is not None:
+                request.on_admit()
         first = len(self.running)
         lengths = [len(request.prompt_ids) for request in requests]
         ids = torch.zeros((len(requests), max(lengths)), dtype=torch.long, device=self.device)  # (k, P_max)

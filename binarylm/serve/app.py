@@ -7,6 +7,10 @@
     POST /detokenize          token ids -> text
     GET  /tokenizer_info      vocabulary size and special tokens
     GET  /health              200 once the model is loaded
+    GET  /metrics             Prometheus text: latencies, queue, tokens, outcomes (binarylm_*)
+
+Every response carries an `x-request-id`, and each request is logged as one JSON line on the
+`binarylm.access` logger (serve/observability.py).
 
 Errors always have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad
 request (an unknown field, a prompt plus max_tokens beyond the context), 404 for an unknown
@@ -23,13 +27,14 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from binarylm.data.chat import render_chat
 from binarylm.errors import BinaryLMError
 from binarylm.infer.engine import Completion, Event, TokenLogprob
 from binarylm.infer.sampling import SamplingParams
+from binarylm.serve.observability import CONTENT_TYPE, AccessLogMiddleware
 from binarylm.serve.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from binarylm.serve.runner import EngineRunner
 from binarylm.tokenizer import Tokenizer
@@ -51,6 +56,7 @@ def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str) -> F
     context = runner.engine.max_length
     created = int(time.time())
     _install_error_handlers(app)
+    app.add_middleware(AccessLogMiddleware, metrics=runner.metrics)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -60,6 +66,10 @@ def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str) -> F
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(runner.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -17,11 +17,13 @@ from collections.abc import Sequence
 
 from binarylm.infer.engine import Completion, Engine, Event
 from binarylm.infer.sampling import SamplingParams
+from binarylm.serve.observability import RequestTimer, ServerMetrics
 
 
 class EngineRunner:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, metrics: ServerMetrics | None = None):
         self.engine = engine
+        self.metrics = metrics or ServerMetrics()
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="binarylm-engine", daemon=True)
@@ -39,17 +41,25 @@ class EngineRunner:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                loop: asyncio.AbstractEventLoop) -> tuple[str, asyncio.Queue]:
-        """Queue a request; its Events, then its Completion, arrive on the returned queue."""
+        """Queue a request; its Events, then its Completion, arrive on the returned queue.
+
+        The request's timings (queue time, time to first token, inter-token latency, end to end) and token
+        counts go to `metrics` from the engine thread, which is the one place that sees every step."""
         queue: asyncio.Queue = asyncio.Queue()
+        timer = self.metrics.request_started()
 
         def deliver(item: Event | Completion) -> None:
+            if isinstance(item, Event) and item.token_id is not None:
+                timer.token()
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def complete(completion: Completion) -> None:
             self.engine.finished.pop(completion.request_id, None)  # the queue has it; keep nothing behind
+            _finish(timer, completion)
             deliver(completion)
 
-        request_id = self.engine.add_request(prompt_ids, params, on_event=deliver, on_complete=complete)
+        request_id = self.engine.add_request(prompt_ids, params, on_event=deliver, on_complete=complete,
+                                             on_admit=timer.admitted)
         with self._wake:
             self._wake.notify()
         return request_id, queue
@@ -67,3 +77,10 @@ class EngineRunner:
                 if self._stopping and not self.engine.has_work():
                     return
             self.engine.step()
+            self.metrics.set_queue(len(self.engine.running), len(self.engine.waiting))
+
+
+def _finish(timer: RequestTimer, completion: Completion) -> None:
+    aborted = any(sample.finish_reason == "abort" for sample in completion.samples)
+    generated = sum(len(sample.token_ids) for sample in completion.samples)
+    timer.finished("aborted" if aborted else "ok", len(completion.prompt_ids), generated)
