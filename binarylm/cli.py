@@ -155,7 +155,16 @@ def serve(args: argparse.Namespace) -> None:
     from binarylm.infer.engine import Engine
     from binarylm.serve.app import create_app
     from binarylm.serve.runner import EngineRunner
+    from binarylm.serve.security import ServerSettings, load_api_keys
 
+    settings = ServerSettings(
+        api_keys=load_api_keys(args.api_key_file), max_body_bytes=args.max_body_bytes, max_waiting=args.max_waiting,
+        requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
+        cors_origins=args.cors_origin or [],
+    )
+    if not settings.api_keys and args.host not in ("127.0.0.1", "localhost", "::1") and not args.no_auth:
+        raise BinaryLMError(f"refusing to serve on {args.host} without API keys: set BINARYLM_API_KEYS or "
+                            "--api-key-file, or pass --no-auth if the network in front of it is trusted")
     access = logging.getLogger("binarylm.access")  # one JSON line per request, on stderr
     access.setLevel(logging.INFO)
     access.addHandler(logging.StreamHandler())
@@ -165,7 +174,8 @@ def serve(args: argparse.Namespace) -> None:
     name = args.model_name or saved.path.parent.name
     print(f"serving {saved.path} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
-        uvicorn.run(create_app(runner, saved.tokenizer, name), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(create_app(runner, saved.tokenizer, name, settings), host=args.host, port=args.port,
+                    log_level="warning")
     finally:
         runner.stop()
 
@@ -333,6 +343,13 @@ def _add_run_verbs(verbs) -> None:
     srv.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
     srv.add_argument("--model-name", help="the name clients use (default: the run directory's name)")
     srv.add_argument("--device", default="cpu")
+    srv.add_argument("--api-key-file", help="one API key per line (keys also come from $BINARYLM_API_KEYS)")
+    srv.add_argument("--no-auth", action="store_true", help="allow serving beyond localhost without API keys")
+    srv.add_argument("--requests-per-minute", type=int, default=0, help="per key (or client); 0: unlimited")
+    srv.add_argument("--tokens-per-minute", type=int, default=0, help="prompt + max_tokens per key; 0: unlimited")
+    srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    srv.add_argument("--max-waiting", type=int, default=256, help="queued requests before new ones get 429")
+    srv.add_argument("--cors-origin", action="append", help="allow browser calls from this origin (repeatable)")
     srv.set_defaults(run=serve, command_parser=srv)
 
     quant = verbs.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint")

@@ -13,8 +13,9 @@ Every response carries an `x-request-id`, and each request is logged as one JSON
 `binarylm.access` logger (serve/observability.py).
 
 Errors always have OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a bad
-request (an unknown field, a prompt plus max_tokens beyond the context), 404 for an unknown
-model or route.
+request (an unknown field, a prompt plus max_tokens beyond the context), 401 without a valid API
+key, 404 for an unknown model or route, 413 for an oversized body, 429 when rate-limited or the
+queue is full (serve/security.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from binarylm.infer.sampling import SamplingParams
 from binarylm.serve.observability import CONTENT_TYPE, AccessLogMiddleware
 from binarylm.serve.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from binarylm.serve.runner import EngineRunner
+from binarylm.serve.security import ServerSettings, TokenBuckets, authorized_key
 from binarylm.tokenizer import Tokenizer
 
 
@@ -50,13 +52,22 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str) -> FastAPI:
+def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str,
+               settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI application serving `runner`'s engine under the name `model_name`."""
+    settings = settings or ServerSettings()
     app = FastAPI(title="BinaryLM", version="1")
     context = runner.engine.max_length
     created = int(time.time())
+    token_buckets = TokenBuckets(settings.tokens_per_minute)
     _install_error_handlers(app)
-    app.add_middleware(AccessLogMiddleware, metrics=runner.metrics)
+    _install_guard(app, settings)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "x-request-id"])
+    app.add_middleware(AccessLogMiddleware, metrics=runner.metrics)  # outermost: it sees every answer
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -99,6 +110,15 @@ def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str) -> F
 
     async def run(job: CompletionJob, request: Request):
         check_model(job.body.model)
+        if len(runner.engine.waiting) >= settings.max_waiting:
+            raise APIError(429, f"the server's queue is full ({settings.max_waiting} requests waiting); retry "
+                                "shortly", "rate_limit_error")
+        tokens = sum(len(p) for p in job.prompts) + job.params.max_tokens * job.params.n * len(job.prompts)
+        wait = token_buckets.take(request.state.identity, tokens)
+        if wait:
+            raise APIError(429, f"token rate limit: this request needs {tokens} tokens of the "
+                                f"{settings.tokens_per_minute} per minute allowed; retry in {wait:.0f} s",
+                           "rate_limit_error")
         job.submit(asyncio.get_running_loop())
         if job.body.stream:
             return StreamingResponse(job.stream(request), media_type="text/event-stream")
@@ -113,6 +133,30 @@ def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str) -> F
         return await run(ChatJob(runner, tokenizer, model_name, body), request)
 
     return app
+
+
+def _install_guard(app: FastAPI, settings: ServerSettings) -> None:
+    """API keys, the body-size cap and the request rate limit, before any handler runs."""
+    request_buckets = TokenBuckets(settings.requests_per_minute)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        key = authorized_key(request.headers.get("authorization"), settings.api_keys)
+        public = request.url.path in settings.public_paths or request.method == "OPTIONS"
+        if settings.api_keys and key is None and not public:
+            return JSONResponse(error_body("a valid API key is required: send 'Authorization: Bearer KEY'",
+                                           "authentication_error", code="invalid_api_key"), status_code=401)
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > settings.max_body_bytes:
+            return JSONResponse(error_body(f"the request body is larger than {settings.max_body_bytes} bytes",
+                                           "invalid_request_error"), status_code=413)
+        request.state.identity = key or (request.client.host if request.client else "unknown")
+        wait = 0.0 if public else request_buckets.take(request.state.identity)
+        if wait:
+            return JSONResponse(error_body(f"rate limit: {settings.requests_per_minute} requests per minute; "
+                                           f"retry in {wait:.1f} s", "rate_limit_error"),
+                                status_code=429, headers={"retry-after": str(max(1, round(wait)))})
+        return await call_next(request)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -1,0 +1,103 @@
+"""The server's guards: API keys, rate limits, size caps, queue bound, CORS."""
+
+import pytest
+import torch
+
+from binarylm.config import ModelConfig
+from binarylm.errors import BinaryLMError
+from binarylm.infer.engine import Engine
+from binarylm.model import Transformer
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from binarylm.serve.app import create_app  # noqa: E402
+from binarylm.serve.runner import EngineRunner  # noqa: E402
+from binarylm.serve.security import ServerSettings, TokenBuckets, authorized_key, load_api_keys  # noqa: E402
+
+KEY, OTHER = "k" * 24, "o" * 24
+
+
+def client_with(tokenizer, **settings) -> tuple[TestClient, EngineRunner]:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, context_length=64, n_layer=1, n_head=2,
+                                    d_model=16)).eval()
+    runner = EngineRunner(Engine(model, tokenizer, max_batch=2)).start()
+    return TestClient(create_app(runner, tokenizer, "tiny", ServerSettings(**settings))), runner
+
+
+def complete(client, key=None, **body):
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return client.post("/v1/completions", json={"prompt": "x = 1", "max_tokens": 2, **body}, headers=headers)
+
+
+def test_api_keys_guard_everything_but_health_and_metrics(small_tokenizer):
+    client, runner = client_with(small_tokenizer, api_keys=[KEY, OTHER])
+    try:
+        assert complete(client).status_code == 401
+        wrong = complete(client, key="x" * 24)
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        assert complete(client, key=KEY).status_code == 200 and complete(client, key=OTHER).status_code == 200
+        assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
+        assert client.get("/v1/models").status_code == 401
+    finally:
+        runner.stop()
+
+
+def test_request_and_token_rate_limits_answer_429_with_retry_after(small_tokenizer):
+    client, runner = client_with(small_tokenizer, requests_per_minute=2, tokens_per_minute=40)
+    try:
+        assert complete(client).status_code == 200 and complete(client).status_code == 200
+        third = complete(client)
+        assert third.status_code == 429 and int(third.headers["retry-after"]) >= 1
+        assert third.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        runner.stop()
+    client, runner = client_with(small_tokenizer, tokens_per_minute=40)
+    try:
+        assert complete(client, max_tokens=30).status_code == 200  # about 34 tokens of 40
+        assert "token rate limit" in complete(client, max_tokens=30).json()["error"]["message"]
+    finally:
+        runner.stop()
+
+
+def test_oversized_bodies_and_full_queues_are_refused(small_tokenizer):
+    client, runner = client_with(small_tokenizer, max_body_bytes=200, max_waiting=0)
+    try:
+        assert complete(client, prompt="y" * 500).status_code == 413
+        full = complete(client)
+        assert full.status_code == 429 and "queue is full" in full.json()["error"]["message"]
+    finally:
+        runner.stop()
+
+
+def test_cors_is_off_by_default_and_follows_the_configured_origins(small_tokenizer):
+    closed, runner = client_with(small_tokenizer)
+    runner.stop()
+    assert "access-control-allow-origin" not in closed.get("/health", headers={"origin": "https://a.example"}).headers
+    opened, runner = client_with(small_tokenizer, cors_origins=["https://a.example"])
+    runner.stop()
+    assert opened.get("/health", headers={"origin": "https://a.example"}).headers[
+        "access-control-allow-origin"] == "https://a.example"
+
+
+def test_keys_come_from_the_environment_and_a_file_and_must_be_long(tmp_path, monkeypatch):
+    monkeypatch.setenv("BINARYLM_API_KEYS", f"{KEY}, {OTHER}")
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# team keys\n" + "z" * 20 + "\n\n")
+    assert load_api_keys(str(keys_file)) == [KEY, OTHER, "z" * 20]
+    monkeypatch.setenv("BINARYLM_API_KEYS", "short")
+    with pytest.raises(BinaryLMError, match="shorter than 16"):
+        load_api_keys()
+    with pytest.raises(BinaryLMError, match="does not exist"):
+        load_api_keys(str(tmp_path / "missing"))
+    assert authorized_key(f"Bearer {KEY}", [KEY]) == KEY and authorized_key(KEY, [KEY]) is None
+
+
+def test_token_buckets_refill_at_capacity_per_minute():
+    now = [0.0]
+    buckets = TokenBuckets(60, clock=lambda: now[0])
+    assert buckets.take("a", 60) == 0 and buckets.take("a", 1) == pytest.approx(1.0)
+    now[0] = 2.0
+    assert buckets.take("a", 2) == 0 and buckets.take("b", 60) == 0  # refilled 2; b has its own bucket
+    assert buckets.take("a", 61) == float("inf")
