@@ -151,10 +151,34 @@ def convert(args: argparse.Namespace) -> None:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from binarylm.checkpoint import load_checkpoint
+    from binarylm.checkpoint import load_checkpoint, resolve_checkpoint
     from binarylm.infer.engine import Engine
     from binarylm.serve.app import create_app
+    from binarylm.serve.loading import LoadingApp
     from binarylm.serve.runner import EngineRunner
+
+    settings = _server_settings(args)
+    resolve_checkpoint(args.checkpoint)  # a wrong path fails here, not as a server that never gets ready
+    _log_access_to_stderr()
+    runners: list[EngineRunner] = []
+
+    def load():
+        saved = load_checkpoint(args.checkpoint, device=args.device)
+        runners.append(EngineRunner(Engine(saved.model, saved.tokenizer, max_batch=args.max_batch)).start())
+        name = args.model_name or saved.path.parent.name
+        print(f"serving {saved.path} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+        return create_app(runners[0], saved.tokenizer, name, settings)
+
+    print(f"loading {args.checkpoint} (GET /health answers 503 until it is ready)", file=sys.stderr)
+    try:  # on SIGTERM / Ctrl-C uvicorn stops accepting and lets in-flight streams finish for up to 30 s
+        uvicorn.run(LoadingApp(load), host=args.host, port=args.port, log_level="warning", lifespan="off",
+                    timeout_graceful_shutdown=30)
+    finally:
+        for runner in runners:
+            runner.stop()
+
+
+def _server_settings(args: argparse.Namespace):
     from binarylm.serve.security import ServerSettings, load_api_keys
 
     settings = ServerSettings(
@@ -165,19 +189,14 @@ def serve(args: argparse.Namespace) -> None:
     if not settings.api_keys and args.host not in ("127.0.0.1", "localhost", "::1") and not args.no_auth:
         raise BinaryLMError(f"refusing to serve on {args.host} without API keys: set BINARYLM_API_KEYS or "
                             "--api-key-file, or pass --no-auth if the network in front of it is trusted")
-    access = logging.getLogger("binarylm.access")  # one JSON line per request, on stderr
+    return settings
+
+
+def _log_access_to_stderr() -> None:
+    access = logging.getLogger("binarylm.access")  # one JSON line per request
     access.setLevel(logging.INFO)
     access.addHandler(logging.StreamHandler())
     access.propagate = False
-    saved = load_checkpoint(args.checkpoint, device=args.device)
-    runner = EngineRunner(Engine(saved.model, saved.tokenizer, max_batch=args.max_batch)).start()
-    name = args.model_name or saved.path.parent.name
-    print(f"serving {saved.path} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    try:
-        uvicorn.run(create_app(runner, saved.tokenizer, name, settings), host=args.host, port=args.port,
-                    log_level="warning")
-    finally:
-        runner.stop()
 
 
 def quantize(args: argparse.Namespace) -> None:

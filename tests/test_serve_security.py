@@ -101,3 +101,56 @@ def test_token_buckets_refill_at_capacity_per_minute():
     now[0] = 2.0
     assert buckets.take("a", 2) == 0 and buckets.take("b", 60) == 0  # refilled 2; b has its own bucket
     assert buckets.take("a", 61) == float("inf")
+
+
+def test_health_is_503_while_the_model_loads_and_200_after():
+    import threading
+
+    from fastapi import FastAPI
+
+    from binarylm.serve.loading import LoadingApp
+
+    release = threading.Event()
+    ready = FastAPI()
+    ready.get("/health")(lambda: {"status": "ok"})
+    gate = LoadingApp(lambda: (release.wait(10), ready)[1])
+    client = TestClient(gate)
+    loading = client.get("/health")
+    assert loading.status_code == 503 and loading.json()["error"]["message"] == "the model is loading"
+    release.set()
+    assert gate.wait(10) and client.get("/health").status_code == 200
+    broken = TestClient(LoadingApp(lambda: 1 / 0))
+    broken.app.wait(10)
+    assert "failed to load (ZeroDivisionError" in broken.get("/v1/models").json()["error"]["message"]
+
+
+def test_a_streaming_client_that_disconnects_frees_its_slot(small_tokenizer):
+    import asyncio
+
+    from binarylm.serve.app import CompletionJob
+    from binarylm.serve.protocol import CompletionRequest
+
+    client, runner = client_with(small_tokenizer)
+
+    class StillThere:
+        async def is_disconnected(self) -> bool:
+            return False
+
+    async def stream_then_leave():
+        job = CompletionJob(runner, small_tokenizer, "tiny",
+                            CompletionRequest(prompt="x", max_tokens=60, stream=True, ignore_eos=True))
+        job.submit(asyncio.get_running_loop())
+        chunks = job.stream(StillThere())
+        first = await chunks.__anext__()
+        await chunks.aclose()  # what the server does to the response generator when the client disconnects
+        return first
+
+    try:
+        assert asyncio.run(stream_then_leave()).startswith("data: ")
+        for _ in range(100):
+            if not runner.engine.has_work():
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        assert not runner.engine.has_work()  # aborted: slot freed long before 60 tokens
+    finally:
+        runner.stop()

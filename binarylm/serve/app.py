@@ -270,8 +270,10 @@ class CompletionJob:
                 "top_logprobs": [top for _, _, top in entries], "text_offset": offsets}
 
     async def stream(self, request: Request) -> AsyncIterator[str]:
-        finished = 0
-        generated = 0
+        """Server-sent events until every sample ends. If the client goes away (noticed while waiting, or the
+        server cancelling this generator on disconnect), the requests are aborted and their slots freed."""
+        finished = generated = 0
+        complete = False
         try:
             for chunk in self._opening_chunks():
                 yield _sse(chunk)
@@ -286,9 +288,13 @@ class CompletionJob:
                 usage = _usage(sum(len(p) for p in self.prompts), generated)
                 yield _sse({**self._chunk_head(), "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
+            complete = True
         except ClientGone:
-            for request_id in self.request_ids:
-                self.runner.abort(request_id)
+            pass
+        finally:
+            if not complete:
+                for request_id in self.request_ids:
+                    self.runner.abort(request_id)
 
     async def _next(self, request: Request):
         while True:

@@ -12,12 +12,15 @@ slot at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Sequence
 
 from binarylm.infer.engine import Completion, Engine, Event
 from binarylm.infer.sampling import SamplingParams
 from binarylm.serve.observability import RequestTimer, ServerMetrics
+
+logger = logging.getLogger(__name__)
 
 
 class EngineRunner:
@@ -51,7 +54,10 @@ class EngineRunner:
         def deliver(item: Event | Completion) -> None:
             if isinstance(item, Event) and item.token_id is not None:
                 timer.token()
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the caller's event loop has closed: nobody is listening any more
+                pass
 
         def complete(completion: Completion) -> None:
             self.engine.finished.pop(completion.request_id, None)  # the queue has it; keep nothing behind
@@ -76,7 +82,12 @@ class EngineRunner:
                     self._wake.wait(timeout=0.5)
                 if self._stopping and not self.engine.has_work():
                     return
-            self.engine.step()
+            try:
+                self.engine.step()
+            except Exception:  # never let one bad step kill the thread every request depends on
+                logger.exception("engine step failed; aborting the running requests")
+                for sequence in list(self.engine.running):
+                    self.engine.abort(sequence.request.request_id)
             self.metrics.set_queue(len(self.engine.running), len(self.engine.waiting))
 
 
