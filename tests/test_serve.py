@@ -27,7 +27,7 @@ def served(small_tokenizer):
     model = Transformer(config).eval()
     runner = EngineRunner(Engine(model, small_tokenizer, max_batch=4)).start()
     client = TestClient(create_app(runner, small_tokenizer, "tiny"))
-    yield model, small_tokenizer, client
+    yield model, small_tokenizer, client, runner
     runner.stop()
 
 
@@ -37,7 +37,7 @@ def direct(model, tokenizer, prompt: str, **settings) -> str:
 
 
 def test_the_openai_client_gets_the_engines_greedy_text(served):
-    model, tokenizer, client = served
+    model, tokenizer, client, _ = served
     api = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=client)
     answer = api.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
     assert answer.choices[0].text == direct(model, tokenizer, PROMPT, max_tokens=12, temperature=0)
@@ -47,7 +47,7 @@ def test_the_openai_client_gets_the_engines_greedy_text(served):
 
 
 def test_streaming_adds_up_to_the_whole_answer_and_reports_usage(served):
-    model, tokenizer, client = served
+    model, tokenizer, client, _ = served
     api = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=client)
     chunks = list(api.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, stream=True,
                                          stream_options={"include_usage": True}))
@@ -57,7 +57,7 @@ def test_streaming_adds_up_to_the_whole_answer_and_reports_usage(served):
 
 
 def test_several_prompts_n_samples_token_ids_and_echo_with_logprobs(served):
-    _, tokenizer, client = served
+    _, tokenizer, client, _ = served
     ids = tokenizer.encode("import os\n")
     body = {"prompt": [PROMPT, "import os\n"], "max_tokens": 5, "temperature": 0.9, "seed": 3, "n": 2, "logprobs": 2,
             "echo": True}
@@ -75,7 +75,7 @@ def test_several_prompts_n_samples_token_ids_and_echo_with_logprobs(served):
 
 
 def test_tokenize_detokenize_and_tokenizer_info(served):
-    _, tokenizer, client = served
+    _, tokenizer, client, _ = served
     tokens = client.post("/tokenize", json={"prompt": PROMPT}).json()
     assert tokens["tokens"] == tokenizer.encode(PROMPT) and tokens["max_model_len"] == 64
     assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": PROMPT}
@@ -92,7 +92,7 @@ def test_tokenize_detokenize_and_tokenizer_info(served):
     ("get", "/v1/nothing", None, 404, "Not Found"),
 ])
 def test_errors_have_openais_shape(served, method, path, body, status, words):
-    _, _, client = served
+    _, _, client, _ = served
     response = client.request(method, path, json=body)
     assert response.status_code == status
     error = response.json()["error"]
@@ -100,7 +100,7 @@ def test_errors_have_openais_shape(served, method, path, body, status, words):
 
 
 def test_sse_wire_format_ends_with_done(served):
-    _, _, client = served
+    _, _, client, _ = served
     with client.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "stream": True}) as reply:
         lines = [line for line in reply.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
@@ -111,7 +111,7 @@ def test_sse_wire_format_ends_with_done(served):
 def test_chat_completions_render_the_template_and_stream_deltas(served):
     from binarylm.data.chat import render_chat
 
-    model, tokenizer, client = served
+    model, tokenizer, client, _ = served
     api = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=client)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f():"}]
     answer = api.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
@@ -132,7 +132,7 @@ def test_chat_completions_render_the_template_and_stream_deltas(served):
 
 
 def test_metrics_and_request_ids(served):
-    _, _, client = served
+    _, _, client, _ = served
     reply = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4, "temperature": 0},
                         headers={"x-request-id": "client-7"})
     assert reply.headers["x-request-id"] == "client-7"
@@ -143,3 +143,27 @@ def test_metrics_and_request_ids(served):
         assert name in text
     counts = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
     assert counts["binarylm_generation_tokens_total"] >= 4
+
+
+def test_a_server_side_abort_reaches_the_stream_as_an_in_band_error(served):
+    import threading
+    import time
+
+    _, _, client, runner = served
+    aborted = threading.Event()
+
+    def abort_the_first_running_request():
+        for _ in range(400):
+            running = [sequence.request.request_id for sequence in runner.engine.running]
+            if running:
+                runner.abort(running[0])
+                aborted.set()
+                return
+            time.sleep(0.005)
+
+    threading.Thread(target=abort_the_first_running_request).start()
+    body = {"prompt": PROMPT, "max_tokens": 50, "stream": True, "ignore_eos": True}
+    with client.stream("POST", "/v1/completions", json=body) as reply:
+        lines = [line for line in reply.iter_lines() if line]
+    assert aborted.is_set()
+    assert any('"type": "server_error"' in line for line in lines) and lines[-1] == "data: [DONE]"

@@ -284,6 +284,8 @@ class CompletionJob:
                     continue
                 generated += item.token_id is not None
                 yield _sse(self._chunk(item))
+                if item.finish_reason == "abort":  # ended by the server, not the client: say so in-band
+                    yield _sse(error_body("the request was aborted by the server", "server_error"))
             if self.body.stream_options and self.body.stream_options.include_usage:
                 usage = _usage(sum(len(p) for p in self.prompts), generated)
                 yield _sse({**self._chunk_head(), "choices": [], "usage": usage})
