@@ -30,6 +30,9 @@ class EngineRunner:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="binarylm-engine", daemon=True)
+        # Events of the current step, per caller event loop: handed over in one call per loop per step,
+        # not one per token, so a busy batch does not wake the event loop dozens of times a step.
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event | Completion]]] = {}
 
     def start(self) -> EngineRunner:
         self._thread.start()
@@ -54,10 +57,7 @@ class EngineRunner:
         def deliver(item: Event | Completion) -> None:
             if isinstance(item, Event) and item.token_id is not None:
                 timer.token()
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the caller's event loop has closed: nobody is listening any more
-                pass
+            self._outbox.setdefault(loop, []).append((queue, item))  # sent once the step ends
 
         def complete(completion: Completion) -> None:
             self.engine.finished.pop(completion.request_id, None)  # the queue has it; keep nothing behind
@@ -88,7 +88,21 @@ class EngineRunner:
                 logger.exception("engine step failed; aborting the running requests")
                 for sequence in list(self.engine.running):
                     self.engine.abort(sequence.request.request_id)
+            self._send_outbox()
             self.metrics.set_queue(len(self.engine.running), len(self.engine.waiting))
+
+    def _send_outbox(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that caller's event loop has closed: nobody is listening any more
+                pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Event | Completion]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 def _finish(timer: RequestTimer, completion: Completion) -> None:
