@@ -185,6 +185,7 @@ def _server_settings(args: argparse.Namespace):
         api_keys=load_api_keys(args.api_key_file), max_body_bytes=args.max_body_bytes, max_waiting=args.max_waiting,
         requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute,
         cors_origins=args.cors_origin or [],
+        public_paths=("/health",) if args.protect_metrics else ("/health", "/metrics"),
     )
     if not settings.api_keys and args.host not in ("127.0.0.1", "localhost", "::1") and not args.no_auth:
         raise BinaryLMError(f"refusing to serve on {args.host} without API keys: set BINARYLM_API_KEYS or "
@@ -369,6 +370,8 @@ def _add_run_verbs(verbs) -> None:
     srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     srv.add_argument("--max-waiting", type=int, default=256, help="queued requests before new ones get 429")
     srv.add_argument("--cors-origin", action="append", help="allow browser calls from this origin (repeatable)")
+    srv.add_argument("--protect-metrics", action="store_true", help="require an API key for /metrics too "
+                                                                      "(/health always stays public)")
     srv.set_defaults(run=serve, command_parser=srv)
 
     quant = verbs.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint")
