@@ -22,6 +22,7 @@ PROMPT = "def main():\n    "
 
 @pytest.fixture(scope="module")
 def served(small_tokenizer):
+    """The app in-process (FastAPI's TestClient) for raw HTTP checks."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=small_tokenizer.vocab_size, context_length=64, n_layer=2, n_head=2, d_model=32)
     model = Transformer(config).eval()
@@ -31,14 +32,39 @@ def served(small_tokenizer):
     runner.stop()
 
 
+@pytest.fixture(scope="module")
+def loopback(served):
+    """The same app behind a real uvicorn server on 127.0.0.1, and an `openai` client pointed at it."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    model, tokenizer, client, runner = served
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(client.app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield model, tokenizer, openai.OpenAI(api_key="unused", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+    server.should_exit = True
+    thread.join(10)
+
+
 def direct(model, tokenizer, prompt: str, **settings) -> str:
     engine = Engine(model, tokenizer, max_batch=1)
     return engine.generate([tokenizer.encode(prompt)], SamplingParams(**settings))[0].samples[0].text
 
 
-def test_the_openai_client_gets_the_engines_greedy_text(served):
-    model, tokenizer, client, _ = served
-    api = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=client)
+def test_the_openai_client_gets_the_engines_greedy_text(loopback):
+    model, tokenizer, api = loopback
     answer = api.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
     assert answer.choices[0].text == direct(model, tokenizer, PROMPT, max_tokens=12, temperature=0)
     assert answer.choices[0].finish_reason in ("length", "stop")
@@ -46,9 +72,8 @@ def test_the_openai_client_gets_the_engines_greedy_text(served):
     assert [m.id for m in api.models.list().data] == ["tiny"]
 
 
-def test_streaming_adds_up_to_the_whole_answer_and_reports_usage(served):
-    model, tokenizer, client, _ = served
-    api = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=client)
+def test_streaming_adds_up_to_the_whole_answer_and_reports_usage(loopback):
+    model, tokenizer, api = loopback
     chunks = list(api.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, stream=True,
                                          stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -108,11 +133,11 @@ def test_sse_wire_format_ends_with_done(served):
     assert json.loads(lines[0][6:])["object"] == "text_completion"
 
 
-def test_chat_completions_render_the_template_and_stream_deltas(served):
+def test_chat_completions_render_the_template_and_stream_deltas(loopback, served):
     from binarylm.data.chat import render_chat
 
-    model, tokenizer, client, _ = served
-    api = openai.OpenAI(api_key="unused", base_url="http://testserver/v1", http_client=client)
+    model, tokenizer, api = loopback
+    client = served[2]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f():"}]
     answer = api.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
                                          logprobs=True, top_logprobs=2)
@@ -167,3 +192,15 @@ def test_a_server_side_abort_reaches_the_stream_as_an_in_band_error(served):
         lines = [line for line in reply.iter_lines() if line]
     assert aborted.is_set()
     assert any('"type": "server_error"' in line for line in lines) and lines[-1] == "data: [DONE]"
+
+
+def test_the_openai_client_gets_logprobs_and_echo_over_real_http(loopback):
+    model, tokenizer, api = loopback
+    answer = api.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3, echo=True)
+    logprobs = answer.choices[0].logprobs
+    prompt_ids = tokenizer.encode(PROMPT)
+    assert answer.choices[0].text.startswith(PROMPT) and len(logprobs.tokens) == len(prompt_ids) + 4
+    assert logprobs.token_logprobs[0] is None and all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([prompt_ids]))[0][0].double(), dim=-1)
+    assert abs(logprobs.token_logprobs[1] - reference[0, prompt_ids[1]].item()) < 1e-4
