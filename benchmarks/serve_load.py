@@ -1,12 +1,13 @@
-"""Server throughput under concurrent load, against the engine driven directly, in one run.
+"""Server throughput under concurrent load, against one client and against the engine alone, in one run.
 
 A real server (`binarylm serve` in its own process, on a free local port) serves a checkpoint;
 C concurrent streaming clients (httpx) each send R completion requests one after another. The
 same prompts and settings then run through `Engine.generate` with no HTTP at all. The ratio
 server / direct tokens per second is what HTTP, JSON, server-sent events and the thread hand-off
-cost; time to first token is measured at the client.
+cost; C clients / one client is what continuous batching gains over the wire; time to first token
+(p50) is measured at the client.
 
-    python benchmarks/serve_load.py [--checkpoint runs/bench-small] [--clients 16] [--requests 4]
+    python benchmarks/serve_load.py [--checkpoint runs/bench-small] [--clients 32] [--requests 4]
                                     [--max-tokens 64] [--threads 2]
 
 The last line printed is JSON with every figure.
@@ -78,11 +79,11 @@ async def one_client(http: httpx.AsyncClient, client: int, args, first_tokens: l
     return generated
 
 
-async def load(port: int, args) -> tuple[float, float]:
+async def load(port: int, args, clients: int) -> tuple[float, float]:
     first_tokens: list[float] = []
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/v1", timeout=600) as http:
         started = time.perf_counter()
-        counts = await asyncio.gather(*(one_client(http, c, args, first_tokens) for c in range(args.clients)))
+        counts = await asyncio.gather(*(one_client(http, c, args, first_tokens) for c in range(clients)))
         seconds = time.perf_counter() - started
     return sum(counts) / seconds, statistics.median(first_tokens)
 
@@ -100,7 +101,7 @@ def direct(saved, args) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="runs/bench-small")
-    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
@@ -108,17 +109,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     server, port = start_server(args)
     try:
-        served, first_token = asyncio.run(load(port, args))
+        single, single_first = asyncio.run(load(port, args, 1))
+        served, first_token = asyncio.run(load(port, args, args.clients))
     finally:
         server.terminate()
         server.wait(60)
     engine_rate = direct(load_checkpoint(args.checkpoint), args)
-    print(f"{args.clients} concurrent streaming clients x {args.requests} requests x {args.max_tokens} tokens: "
-          f"server {served:.1f} tok/s, engine alone {engine_rate:.1f} tok/s -> {served / engine_rate:.2f}x; "
-          f"median time to first token at the client {1000 * first_token:.0f} ms")
+    print(f"1 streaming client x {args.requests} requests x {args.max_tokens} tokens: {single:.1f} tok/s, "
+          f"p50 time to first token {1000 * single_first:.0f} ms")
+    print(f"{args.clients} concurrent streaming clients: server {served:.1f} tok/s ({served / single:.2f}x one "
+          f"client), engine alone {engine_rate:.1f} tok/s -> server/engine {served / engine_rate:.2f}x; "
+          f"p50 time to first token {1000 * first_token:.0f} ms")
     print(json.dumps({"clients": args.clients, "requests": args.requests, "max_tokens": args.max_tokens,
-                      "server_tokens_per_s": served, "engine_tokens_per_s": engine_rate,
-                      "ratio": served / engine_rate, "median_ttft_ms": 1000 * first_token}))
+                      "single_client_tokens_per_s": single, "server_tokens_per_s": served,
+                      "engine_tokens_per_s": engine_rate, "vs_single_client": served / single,
+                      "vs_engine": served / engine_rate, "p50_ttft_ms": 1000 * first_token,
+                      "single_p50_ttft_ms": 1000 * single_first}))
 
 
 if __name__ == "__main__":
