@@ -165,7 +165,7 @@ def serve(args: argparse.Namespace) -> None:
     def load():
         saved = load_checkpoint(args.checkpoint, device=args.device)
         runners.append(EngineRunner(Engine(saved.model, saved.tokenizer, max_batch=args.max_batch)).start())
-        name = args.model_name or saved.path.parent.name
+        name = args.model_name or saved.path.parent.name or saved.path.name or "binarylm"
         print(f"serving {saved.path} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
         return create_app(runners[0], saved.tokenizer, name, settings)
 

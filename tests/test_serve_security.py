@@ -55,8 +55,13 @@ def test_request_and_token_rate_limits_answer_429_with_retry_after(small_tokeniz
         runner.stop()
     client, runner = client_with(small_tokenizer, tokens_per_minute=40)
     try:
+        assert complete(client, max_tokens=100).status_code == 400  # beyond the context: refused, costs nothing
         assert complete(client, max_tokens=30).status_code == 200  # about 34 tokens of 40
-        assert "token rate limit" in complete(client, max_tokens=30).json()["error"]["message"]
+        limited = complete(client, max_tokens=30)
+        assert "token rate limit" in limited.json()["error"]["message"] and int(limited.headers["retry-after"]) >= 1
+        too_big = complete(client, max_tokens=50)
+        assert too_big.status_code == 400 and "more than the 40 per minute" in too_big.json()["error"]["message"]
+        assert 'binarylm_requests_total{outcome="rate_limited"} 1' in client.get("/metrics").text
     finally:
         runner.stop()
 

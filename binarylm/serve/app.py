@@ -43,9 +43,11 @@ from binarylm.tokenizer import Tokenizer
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after is not None else None
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
@@ -73,6 +75,21 @@ def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str,
         if name is not None and name != model_name:
             raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
                            "not_found_error", "model")
+
+    def charge_tokens(job: CompletionJob, identity: str) -> None:
+        """Take the request's tokens (prompts + max_tokens x n) from its token bucket, or withdraw it with a 429."""
+        tokens = sum(len(p) for p in job.prompts) + job.params.max_tokens * job.params.n * len(job.prompts)
+        wait = token_buckets.take(identity, tokens)
+        if not wait:
+            return
+        job.withdraw()
+        if wait == float("inf"):
+            raise APIError(400, f"this request needs {tokens} tokens, more than the {settings.tokens_per_minute} per "
+                                "minute allowed to one key; ask for fewer max_tokens", param="max_tokens")
+        runner.metrics.requests.inc(outcome="rate_limited")
+        raise APIError(429, f"token rate limit: this request needs {tokens} tokens of the "
+                            f"{settings.tokens_per_minute} per minute allowed; retry in {wait:.0f} s",
+                       "rate_limit_error", retry_after=wait)
 
     @app.get("/health")
     async def health() -> dict:
@@ -111,15 +128,15 @@ def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str,
     async def run(job: CompletionJob, request: Request):
         check_model(job.body.model)
         if len(runner.engine.waiting) >= settings.max_waiting:
+            runner.metrics.requests.inc(outcome="rate_limited")
             raise APIError(429, f"the server's queue is full ({settings.max_waiting} requests waiting); retry "
-                                "shortly", "rate_limit_error")
-        tokens = sum(len(p) for p in job.prompts) + job.params.max_tokens * job.params.n * len(job.prompts)
-        wait = token_buckets.take(request.state.identity, tokens)
-        if wait:
-            raise APIError(429, f"token rate limit: this request needs {tokens} tokens of the "
-                                f"{settings.tokens_per_minute} per minute allowed; retry in {wait:.0f} s",
-                           "rate_limit_error")
-        job.submit(asyncio.get_running_loop())
+                                "shortly", "rate_limit_error", retry_after=1)
+        try:
+            job.submit(asyncio.get_running_loop())  # the engine's checks first: a refused request costs nothing
+        except BinaryLMError:
+            runner.metrics.requests.inc(outcome="error")
+            raise
+        charge_tokens(job, request.state.identity)
         if job.body.stream:
             return StreamingResponse(job.stream(request), media_type="text/event-stream")
         return await job.collect()
@@ -162,7 +179,8 @@ def _install_guard(app: FastAPI, settings: ServerSettings) -> None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, error: APIError) -> JSONResponse:
-        return JSONResponse(error_body(error.message, error.kind, error.param), status_code=error.status)
+        return JSONResponse(error_body(error.message, error.kind, error.param), status_code=error.status,
+                            headers=error.headers)
 
     @app.exception_handler(BinaryLMError)
     async def bad_input(_: Request, error: BinaryLMError) -> JSONResponse:
@@ -214,9 +232,13 @@ class CompletionJob:
                 self.request_ids.append(request_id)
                 self._forward(queue)
         except BinaryLMError:
-            for request_id in self.request_ids:
-                self.runner.abort(request_id)
+            self.withdraw()
             raise
+
+    def withdraw(self) -> None:
+        """Abort every prompt of this call already queued (the call is being refused)."""
+        for request_id in self.request_ids:
+            self.runner.abort(request_id)
 
     def _forward(self, queue: asyncio.Queue) -> None:
         async def pump() -> None:

@@ -10,6 +10,7 @@ returns once it exists; if loading fails, every request gets a 503 naming the er
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Callable
 
@@ -24,8 +25,9 @@ class LoadingApp:
     def _load(self, load: Callable[[], Callable]) -> None:
         try:
             self._app = load()
-        except Exception as error:  # reported to every caller instead of dying silently in a thread
+        except Exception as error:  # reported to every caller, and in the server's log, not lost in a thread
             self._failure = f"{type(error).__name__}: {error}"
+            logging.getLogger(__name__).error("the model failed to load: %s", self._failure)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until loading ends; True if the app is ready."""
