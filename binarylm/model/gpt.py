@@ -87,7 +87,7 @@ class Transformer(nn.Module):
     @staticmethod
     def _last_positions(x: torch.Tensor, cache) -> torch.Tensor:
         """(B, 1, C): each row's last real position (padded prompts of a batched cache end at their own)."""
-        last = getattr(cache, "last_index", None)  # (B,) or None
+        last = cache.last_index if cache is not None else None  # (B,) for padded prompts, else None
         if last is None:
             return x[:, -1:]
         return x[torch.arange(x.shape[0], device=x.device), last][:, None]

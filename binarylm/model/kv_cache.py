@@ -30,6 +30,8 @@ def visible_keys(queries: torch.Tensor, keys: torch.Tensor, window: int = 0) -> 
 
 
 class KVCache:
+    last_index = None  # one sequence per row, never padded: each row's last position is the last one
+
     def __init__(self, n_layer: int, batch_size: int, n_kv_heads: int, max_length: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, window: int = 0):
         self.max_length = max_length

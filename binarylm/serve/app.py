@@ -227,10 +227,9 @@ class CompletionJob:
     def submit(self, loop: asyncio.AbstractEventLoop) -> None:
         """Queue every prompt; if one is refused (too long, bad ids), withdraw the ones already queued."""
         try:
-            for prompt in self.prompts:
-                request_id, queue = self.runner.submit(prompt, self.params, loop)
+            for prompt in self.prompts:  # every prompt's events arrive on this call's one queue
+                request_id, _ = self.runner.submit(prompt, self.params, loop, self.queue)
                 self.request_ids.append(request_id)
-                self._forward(queue)
         except BinaryLMError:
             self.withdraw()
             raise
@@ -239,15 +238,6 @@ class CompletionJob:
         """Abort every prompt of this call already queued (the call is being refused)."""
         for request_id in self.request_ids:
             self.runner.abort(request_id)
-
-    def _forward(self, queue: asyncio.Queue) -> None:
-        async def pump() -> None:
-            while True:
-                item = await queue.get()
-                await self.queue.put(item)
-                if isinstance(item, Completion):
-                    return
-        asyncio.ensure_future(pump())
 
     def _choice_index(self, request_id: str, sample: int) -> int:
         return self.request_ids.index(request_id) * self.body.n + sample
@@ -281,7 +271,11 @@ class CompletionJob:
         if self.body.echo:
             prompt_lp = completion.prompt_logprobs or [None] * len(completion.prompt_ids)
             entries += [(t, lp, None) for t, lp in zip(completion.prompt_ids, prompt_lp)]
-        entries += [(e.token_id, e.logprob, {self.tokenizer.decode([t]): lp for t, lp in e.top}) for e in generated]
+        entries += [(e.token_id, e.logprob, self._top(e)) for e in generated]
+        return self._legacy_shape(entries, offset)
+
+    def _legacy_shape(self, entries: list[tuple[int, float | None, dict | None]], offset: int) -> dict:
+        """(token id, log-probability, alternatives) per token -> tokens, token_logprobs, top_logprobs, text_offset."""
         tokens, offsets = [], []
         for token_id, _, _ in entries:
             text = self.tokenizer.decode([token_id])
@@ -290,6 +284,9 @@ class CompletionJob:
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
                 "top_logprobs": [top for _, _, top in entries], "text_offset": offsets}
+
+    def _top(self, entry: TokenLogprob) -> dict[str, float]:
+        return {self.tokenizer.decode([token_id]): logprob for token_id, logprob in entry.top}
 
     async def stream(self, request: Request) -> AsyncIterator[str]:
         """Server-sent events until every sample ends. If the client goes away (noticed while waiting, or the
@@ -341,10 +338,7 @@ class CompletionJob:
     def _chunk(self, event: Event) -> dict:
         logprobs = None
         if self.body.logprobs is not None and event.logprob is not None:
-            text = self.tokenizer.decode([event.token_id])
-            top = {self.tokenizer.decode([t]): lp for t, lp in event.logprob.top}
-            logprobs = {"tokens": [text], "token_logprobs": [event.logprob.logprob], "top_logprobs": [top],
-                        "text_offset": [0]}
+            logprobs = self._legacy_shape([(event.token_id, event.logprob.logprob, self._top(event.logprob))], 0)
         choice = {"index": self._choice_index(event.request_id, event.index), "text": event.text,
                   "logprobs": logprobs, "finish_reason": event.finish_reason}
         return {**self._chunk_head(), "choices": [choice]}

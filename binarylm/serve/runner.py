@@ -45,13 +45,13 @@ class EngineRunner:
             self._wake.notify()
         self._thread.join(timeout)
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               loop: asyncio.AbstractEventLoop) -> tuple[str, asyncio.Queue]:
-        """Queue a request; its Events, then its Completion, arrive on the returned queue.
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, loop: asyncio.AbstractEventLoop,
+               queue: asyncio.Queue | None = None) -> tuple[str, asyncio.Queue]:
+        """Queue a request; its Events, then its Completion, arrive on `queue` (a new one unless given).
 
         The request's timings (queue time, time to first token, inter-token latency, end to end) and token
         counts go to `metrics` from the engine thread, which is the one place that sees every step."""
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = queue if queue is not None else asyncio.Queue()
         timer = self.metrics.request_started()
 
         def deliver(item: Event | Completion) -> None:
