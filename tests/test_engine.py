@@ -86,7 +86,10 @@ def test_logprobs_equal_a_full_forward_passes_log_softmax():
         assert [t for t, _ in entry.top] == torch.topk(row, 3).indices.tolist()
     expected = [None] + [log_probs[t - 1, prompt[t]].item() for t in range(1, len(prompt))]
     assert completion.prompt_logprobs[0] is None
-    assert all(abs(a - b) < 1e-9 for a, b in zip(completion.prompt_logprobs[1:], expected[1:]))
+    assert all(abs(a.logprob - b) < 1e-9 for a, b in zip(completion.prompt_logprobs[1:], expected[1:]))
+    for t, entry in enumerate(completion.prompt_logprobs[1:], start=1):  # prompt tokens carry alternatives too
+        assert entry.token_id == prompt[t]
+        assert [i for i, _ in entry.top] == torch.topk(log_probs[t - 1], 3).indices.tolist()
 
 
 def test_echo_scoring_with_no_new_tokens():
@@ -242,4 +245,5 @@ def test_prompts_admitted_together_are_prefilled_in_one_padded_forward_with_the_
         alone = Engine(model, max_batch=8).generate([prompt], setting)[0]
         assert [s.token_ids for s in done.samples] == [s.token_ids for s in alone.samples]
         if setting.prompt_logprobs:
-            assert all(abs(a - b) < 1e-9 for a, b in zip(done.prompt_logprobs[1:], alone.prompt_logprobs[1:]))
+            pairs = zip(done.prompt_logprobs[1:], alone.prompt_logprobs[1:])
+            assert all(abs(a.logprob - b.logprob) < 1e-9 for a, b in pairs)

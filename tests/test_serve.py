@@ -33,29 +33,11 @@ def served(small_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def loopback(served):
+def loopback(served, loopback_server):
     """The same app behind a real uvicorn server on 127.0.0.1, and an `openai` client pointed at it."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
     model, tokenizer, client, runner = served
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(client.app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield model, tokenizer, openai.OpenAI(api_key="unused", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
-    server.should_exit = True
-    thread.join(10)
+    with loopback_server(client.app) as base_url:
+        yield model, tokenizer, openai.OpenAI(api_key="unused", base_url=f"{base_url}/v1", max_retries=0)
 
 
 def direct(model, tokenizer, prompt: str, **settings) -> str:
@@ -204,3 +186,67 @@ def test_the_openai_client_gets_logprobs_and_echo_over_real_http(loopback):
     with torch.no_grad():
         reference = torch.log_softmax(model(torch.tensor([prompt_ids]))[0][0].double(), dim=-1)
     assert abs(logprobs.token_logprobs[1] - reference[0, prompt_ids[1]].item()) < 1e-4
+
+
+def _lm_eval_task(directory, name: str, rows: list[dict], spec: str) -> None:
+    """A task definition lm-evaluation-harness reads from `directory`: a JSONL data file and its YAML."""
+    data = directory / f"{name}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    header = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n"
+    (directory / f"{name}.yaml").write_text(header + spec)
+
+
+def _run_lm_eval(base_url: str, directory, task: str) -> list[dict]:
+    """lm-evaluation-harness's own `local-completions` model against our server; the per-example records."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=f"base_url={base_url}/v1/completions,model=tiny,tokenizer_backend=remote,max_length=64",
+        tasks=[task], task_manager=TaskManager(include_path=str(directory)), log_samples=True,
+    )
+    return results["samples"][task]
+
+
+def _continuation_logprob(model, tokenizer, context: str, continuation: str) -> float:
+    """Our own scoring of `continuation` after `context`, split into tokens the way the harness splits them: the
+    context's trailing whitespace moves to the continuation, and the continuation is what the whole text's tokens
+    have beyond the context's token count (so the ids are the context's tokens, then the rest of the whole's)."""
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
+    context_ids = tokenizer.encode(context)
+    ids = context_ids + tokenizer.encode(context + continuation)[len(context_ids):]
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.tensor([ids]))[0][0].float(), dim=-1)  # (T, V)
+    return sum(log_probs[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids)))
+
+
+def test_lm_evaluation_harness_scores_a_loglikelihood_task_through_the_server(served, loopback_server, tmp_path):
+    model, tokenizer, client, _ = served
+    rows = [{"context": "def main():\n   ", "choices": ["return 0", "import os"], "label": 0},
+            {"context": "for i in", "choices": ["range(10):", "self.items:", "x"], "label": 1}]
+    _lm_eval_task(tmp_path, "binarylm_choice", rows, 'output_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
+                  'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\nmetric_list:\n  - metric: acc\n')
+    with loopback_server(client.app) as base_url:
+        samples = _run_lm_eval(base_url, tmp_path, "binarylm_choice")
+    assert len(samples) == len(rows)
+    for sample in samples:
+        row = sample["doc"]
+        scores = [float(score) for score, _ in sample["filtered_resps"]]
+        expected = [_continuation_logprob(model, tokenizer, row["context"], " " + c) for c in row["choices"]]
+        assert scores == pytest.approx(expected, abs=1e-4)
+
+
+def test_lm_evaluation_harness_runs_a_generation_task_through_the_server(served, loopback_server, tmp_path):
+    model, tokenizer, client, _ = served
+    rows = [{"prompt": "def main():\n", "target": "    pass"}, {"prompt": "class Foo(", "target": "object):"}]
+    _lm_eval_task(tmp_path, "binarylm_generate", rows, 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\n'
+                  'doc_to_target: "{{target}}"\ngeneration_kwargs:\n  until: ["\\n\\n"]\n  max_gen_toks: 8\n'
+                  '  do_sample: false\nmetric_list:\n  - metric: exact_match\n')
+    with loopback_server(client.app) as base_url:
+        samples = _run_lm_eval(base_url, tmp_path, "binarylm_generate")
+    assert len(samples) == len(rows)
+    for sample in samples:
+        expected = direct(model, tokenizer, sample["doc"]["prompt"], max_tokens=8, temperature=0, stop=["\n\n"])
+        assert sample["filtered_resps"][0] == expected

@@ -82,7 +82,7 @@ class Completion:
     request_id: str
     prompt_ids: list[int]
     samples: list[Sample]
-    prompt_logprobs: list[float | None] | None = None  # the first prompt token has none
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the first prompt token has none
 
 
 @dataclass
@@ -231,7 +231,8 @@ class Engine:
         last = logits[:, -1] if not scoring else logits[torch.arange(len(requests)), torch.tensor(lengths) - 1]
         for row, request in enumerate(requests):
             if request.params.prompt_logprobs:
-                request.completion.prompt_logprobs = _prompt_logprobs(logits[row, : lengths[row]], request.prompt_ids)
+                request.completion.prompt_logprobs = _prompt_logprobs(logits[row, : lengths[row]], request.prompt_ids,
+                                                                      request.params.logprobs)
             if request.params.max_tokens == 0:  # scoring only (echo): nothing to generate
                 self._finish_unstarted(request, "length")
         self._start_samples([r for r in requests if r.params.max_tokens > 0], first, last)
@@ -376,11 +377,11 @@ def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int]) -> list[float | None]:
-    """log p(prompt[t] | prompt[:t]) for t >= 1, from the prefill's logits (P, V); None for the first token."""
+def _prompt_logprobs(logits: torch.Tensor, prompt_ids: list[int], top: int | None) -> list[TokenLogprob | None]:
+    """log p(prompt[t] | prompt[:t]) for t >= 1, with the `top` likeliest alternatives, from the prefill's logits
+    (P, V); None for the first token, which nothing predicts."""
     log_probs = torch.log_softmax(logits[:-1], dim=-1)  # (P - 1, V)
-    targets = torch.tensor(prompt_ids[1:], device=logits.device)
-    return [None, *log_probs.gather(1, targets[:, None]).squeeze(1).tolist()]
+    return [None, *(_token_logprob(row, token, top) for row, token in zip(log_probs, prompt_ids[1:]))]
 
 
 def _token_logprob(log_probs: torch.Tensor, token: int, top: int | None) -> TokenLogprob:

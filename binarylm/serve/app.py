@@ -39,7 +39,7 @@ from binarylm.serve.observability import CONTENT_TYPE, AccessLogMiddleware
 from binarylm.serve.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from binarylm.serve.runner import EngineRunner
 from binarylm.serve.security import ServerSettings, TokenBuckets, authorized_key
-from binarylm.tokenizer import Tokenizer
+from binarylm.tokenizer import ENDOFTEXT, PAD, Tokenizer
 
 
 class APIError(Exception):
@@ -121,9 +121,12 @@ def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str,
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict:
+        specials = tokenizer.special_tokens
         return {"tokenizer_class": "BinaryLM byte-level BPE", "vocab_size": tokenizer.vocab_size,
                 "model_max_length": context, "eos_token_id": tokenizer.eot_id,
-                "special_tokens": tokenizer.special_tokens, "pattern": tokenizer.pattern}
+                "eos_token": ENDOFTEXT if ENDOFTEXT in specials else None, "bos_token": None,
+                "pad_token": PAD if PAD in specials else None,
+                "special_tokens": specials, "pattern": tokenizer.pattern}
 
     async def run(job: CompletionJob, request: Request):
         check_model(job.body.model)
@@ -269,8 +272,9 @@ class CompletionJob:
         """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
         entries: list[tuple[int, float | None, dict | None]] = []
         if self.body.echo:
-            prompt_lp = completion.prompt_logprobs or [None] * len(completion.prompt_ids)
-            entries += [(t, lp, None) for t, lp in zip(completion.prompt_ids, prompt_lp)]
+            scored = completion.prompt_logprobs or [None] * len(completion.prompt_ids)
+            entries += [(t, None, None) if e is None else (t, e.logprob, self._top(e))
+                        for t, e in zip(completion.prompt_ids, scored)]
         entries += [(e.token_id, e.logprob, self._top(e)) for e in generated]
         return self._legacy_shape(entries, offset)
 
