@@ -1,10 +1,11 @@
 """Typed configuration: dataclasses, YAML recipes, presets and dotted overrides.
 
-A run is described by one `RunConfig` with three sections:
+A run is described by one `RunConfig` with four sections:
 
-    model:  the network's shape            (ModelConfig)
-    data:   where the tokens come from      (DataConfig)
-    train:  how the optimisation runs       (TrainConfig)
+    model:     the network's shape            (ModelConfig)
+    data:      where the tokens come from      (DataConfig)
+    train:     how the optimisation runs       (TrainConfig)
+    finetune:  post-training on top of a base  (FinetuneConfig; unused by pretraining)
 
 A YAML recipe in configs/ sets any of these fields, and may start from a
 model preset (`model: {preset: gpt2-124m}`). On the command line any field
@@ -164,22 +165,59 @@ class TrainConfig:
                 raise BinaryLMError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
 
+FINETUNE_STAGES = ("sft", "classify", "dpo", "reward", "ppo", "grpo")
+TRAIN_ON = ("assistant", "all", "last")
+
+
+@dataclass
+class FinetuneConfig:
+    """Post-training: which base, which examples, and the adapters and objectives on top."""
+
+    base: str = ""  # the checkpoint (or run directory) the stage starts from
+    data: list[str] = field(default_factory=list)  # chat / instruction files; empty = the built-in tasks
+    tasks: list[str] = field(default_factory=lambda: ["arithmetic", "reverse", "upper", "count"])  # built-in
+    train_examples: int = 2000  # per built-in task
+    test_examples: int = 50  # per built-in task, held out, scored by generation
+    train_on: str = "assistant"  # which tokens SFT learns: assistant | all | last (the last assistant turn)
+    max_length: int = 0  # longest training example in tokens; 0 means the model's context
+    max_new_tokens: int = 24  # answer length when scoring a task by generation
+    lora_rank: int = 0  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank on a frozen base
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "up", "down"])  # names or globs
+    quantize_base: str = "none"  # none | int8 | int4: a quantized frozen base under the adapters (QLoRA)
+    beta: float = 0.1  # DPO's strength of the pull towards the reference model
+
+    def validate(self) -> None:
+        if self.train_on not in TRAIN_ON:
+            raise BinaryLMError(f"finetune.train_on must be one of {', '.join(TRAIN_ON)}; got {self.train_on!r}")
+        if self.quantize_base not in ("none", "int8", "int4"):
+            raise BinaryLMError(f"finetune.quantize_base must be none, int8 or int4; got {self.quantize_base!r}")
+        if self.quantize_base != "none" and self.lora_rank <= 0:
+            raise BinaryLMError("finetune.quantize_base needs adapters to train: set finetune.lora_rank (e.g. 8)")
+        for name in ("train_examples", "test_examples", "max_new_tokens"):
+            if getattr(self, name) < 0:
+                raise BinaryLMError(f"finetune.{name} must not be negative, got {getattr(self, name)}")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> RunConfig:
         self.model.validate()
         self.train.validate()
+        self.finetune.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "finetune": FinetuneConfig}
 
 # Model sizes from a CPU toy to GPT-2's published shapes.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -234,6 +272,7 @@ def build_config(values: dict[str, Any] | None = None, overrides: dict[str, str]
         "model": _make(ModelConfig, model_values, "model"),
         "data": _make(DataConfig, values.get("data", {}), "data"),
         "train": _make(TrainConfig, values.get("train", {}), "train"),
+        "finetune": _make(FinetuneConfig, values.get("finetune", {}), "finetune"),
     }
     return RunConfig(**sections).validate()
 

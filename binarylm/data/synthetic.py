@@ -1,0 +1,312 @@
+"""A built-in suite of small tasks with exact answers: fine-tuning data and a check that needs no download.
+
+Each task family draws short prompts from a seeded generator and knows the one right
+answer, a plausible wrong one (for preference data), and how to judge a prediction:
+
+    arithmetic   "What is 17 + 25?"        -> "42"
+    reverse      "Reverse: cat"            -> "tac"
+    upper        "Upper: cat"              -> "CAT"
+    count        "Count a in: banana"      -> "3"
+    sort         "Sort: 5 3 9"             -> "3 5 9"
+    python       "Python: 3 * (2 + 4)"     -> "18"
+
+Train and test are split by a hash of the prompt, not by the seed, so a test prompt
+never appears in any training set, whichever seeds made them. Python expressions are
+built as small trees whose value is computed alongside their text; nothing is `eval`ed.
+
+    examples = make_examples("reverse", 1000, split="train", seed=0)
+    write_messages_jsonl(examples, "reverse.jsonl")        # read back by chat.read_conversations
+    check("reverse", " tac ", "tac")                        # True: whitespace is normalised
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import string
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from binarylm.errors import BinaryLMError
+from binarylm.files import write_atomically
+
+TASKS = ("arithmetic", "reverse", "upper", "count", "sort", "python")
+SPLITS = ("train", "test")
+TEST_PERCENT = 20  # share of prompts (by hash) that belong to the test split
+MAX_MISSES_IN_A_ROW = 5000  # draws in a row without a new prompt before a task counts as exhausted
+
+
+@dataclass(frozen=True)
+class TaskExample:
+    """One item: the user's `prompt`, the exact `answer`, and a plausible wrong answer `rejected`."""
+
+    task: str
+    prompt: str
+    answer: str
+    rejected: str
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Task generators: each returns (prompt, answer, rejected) from a random.Random
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
+    """Addition and subtraction of numbers below 100 (never negative), multiplication up to 12 * 12."""
+    operator = rng.choice("+-*")
+    if operator == "*":
+        left, right = rng.randint(0, 12), rng.randint(0, 12)
+        value = left * right
+    else:
+        left, right = rng.randint(0, 99), rng.randint(0, 99)
+        if operator == "-":
+            left, right = max(left, right), min(left, right)
+        value = left + right if operator == "+" else left - right
+    return f"What is {left} {operator} {right}?", str(value), _off_by_one(rng, value)
+
+
+def _reverse(rng: random.Random) -> tuple[str, str, str]:
+    word = _word(rng)
+    answer = word[::-1]
+    return f"Reverse: {word}", answer, _near_miss_spelling(rng, answer, word)
+
+
+def _upper(rng: random.Random) -> tuple[str, str, str]:
+    word = _word(rng)
+    answer = word.upper()
+    position = rng.randrange(len(word))  # one letter left in lower case
+    rejected = answer[:position] + word[position] + answer[position + 1 :]
+    return f"Upper: {word}", answer, rejected
+
+
+def _count(rng: random.Random) -> tuple[str, str, str]:
+    """Count a letter in a word drawn from few letters, so letters repeat; sometimes the letter is absent."""
+    letters = rng.sample(string.ascii_lowercase, 4)
+    word = "".join(rng.choice(letters) for _ in range(rng.randint(4, 8)))
+    letter = rng.choice(letters)
+    value = word.count(letter)
+    return f"Count {letter} in: {word}", str(value), _off_by_one(rng, value, lowest=0)
+
+
+def _sort(rng: random.Random) -> tuple[str, str, str]:
+    numbers = [rng.randint(0, 9) for _ in range(rng.randint(3, 5))]
+    ordered = sorted(numbers)
+    return f"Sort: {_spaced(numbers)}", _spaced(ordered), _spaced(_almost_sorted(rng, ordered))
+
+
+def _python(rng: random.Random) -> tuple[str, str, str]:
+    """A short integer-valued Python expression; redrawn until its value and text are small."""
+    while True:
+        expression = _expression(rng, depth=rng.randint(1, 2))
+        if abs(expression.value) <= 200 and len(expression.text) <= 28:
+            return f"Python: {expression.text}", str(expression.value), _off_by_one(rng, expression.value)
+
+
+GENERATORS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
+    "arithmetic": _arithmetic,
+    "reverse": _reverse,
+    "upper": _upper,
+    "count": _count,
+    "sort": _sort,
+    "python": _python,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Python expression grammar
+#
+#   expression := leaf | operand ("+" | "-" | "*") operand | operand ("//" | "%") divisor | call
+#   operand    := expression, in parentheses when it is itself infix ("3 * (2 + 4)")
+#   divisor    := 2..5
+#   call       := "max(" expression ", " expression ")" | "min(...)" | "abs(" expression ")"
+#   leaf       := 0..9 | "len('" word "')"
+# --------------------------------------------------------------------------------------------------------------
+
+BINARY_OPERATORS: dict[str, Callable[[int, int], int]] = {
+    "+": lambda left, right: left + right,
+    "-": lambda left, right: left - right,
+    "*": lambda left, right: left * right,
+    "//": lambda left, right: left // right,
+    "%": lambda left, right: left % right,
+}
+
+
+class Expression(NamedTuple):
+    text: str
+    value: int
+    infix: bool  # an operator at the top ("2 + 3"), so it needs parentheses as an operand
+
+
+def _expression(rng: random.Random, depth: int) -> Expression:
+    """A random expression at most `depth` levels deep, with its value."""
+    if depth == 0:
+        return _leaf(rng)
+    kind = rng.choice(("binary", "binary", "binary", "division", "call"))
+    if kind == "binary":
+        operator = rng.choice("+-*")
+        return _infix(_operand(rng, depth - 1), operator, _operand(rng, depth - 1))
+    if kind == "division":
+        divisor = rng.randint(2, 5)
+        return _infix(_operand(rng, depth - 1), rng.choice(("//", "%")), Expression(str(divisor), divisor, False))
+    return _call(rng, depth - 1)
+
+
+def _infix(left: Expression, operator: str, right: Expression) -> Expression:
+    value = BINARY_OPERATORS[operator](left.value, right.value)
+    return Expression(f"{left.text} {operator} {right.text}", value, True)
+
+
+def _operand(rng: random.Random, depth: int) -> Expression:
+    """An operand of an infix operator: parenthesised when it has an operator of its own."""
+    inner = _expression(rng, depth)
+    return Expression(f"({inner.text})", inner.value, False) if inner.infix else inner
+
+
+def _call(rng: random.Random, depth: int) -> Expression:
+    """max(a, b), min(a, b) or abs(a)."""
+    function = rng.choice(("max", "min", "abs"))
+    first = _expression(rng, depth)
+    if function == "abs":
+        return Expression(f"abs({first.text})", abs(first.value), False)
+    second = _expression(rng, depth)
+    value = max(first.value, second.value) if function == "max" else min(first.value, second.value)
+    return Expression(f"{function}({first.text}, {second.text})", value, False)
+
+
+def _leaf(rng: random.Random) -> Expression:
+    """A digit, or the length of a short quoted word."""
+    if rng.random() < 0.2:
+        word = _word(rng, shortest=2, longest=5)
+        return Expression(f"len('{word}')", len(word), False)
+    number = rng.randint(0, 9)
+    return Expression(str(number), number, False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small helpers for words and wrong answers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _word(rng: random.Random, shortest: int = 3, longest: int = 6) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(shortest, longest)))
+
+
+def _spaced(numbers: Iterable[int]) -> str:
+    return " ".join(str(number) for number in numbers)
+
+
+def _off_by_one(rng: random.Random, value: int, lowest: int | None = None) -> str:
+    """value + 1 or value - 1 (never below `lowest`)."""
+    step = rng.choice((-1, 1))
+    if lowest is not None and value + step < lowest:
+        step = 1
+    return str(value + step)
+
+
+def _near_miss_spelling(rng: random.Random, answer: str, original: str) -> str:
+    """A wrong reversal: two neighbouring letters swapped, else the word left as it was, else a letter changed."""
+    swaps = [i for i in range(len(answer) - 1) if answer[i] != answer[i + 1]]
+    if swaps:
+        i = rng.choice(swaps)
+        return answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :]
+    if original != answer:
+        return original
+    replacement = "b" if answer[-1] == "a" else "a"  # e.g. "aaa": no swap or unreversed word differs
+    return answer[:-1] + replacement
+
+
+def _almost_sorted(rng: random.Random, ordered: list[int]) -> list[int]:
+    """The sorted list with two unequal neighbours swapped, or (all equal) its last number raised by one."""
+    swaps = [i for i in range(len(ordered) - 1) if ordered[i] != ordered[i + 1]]
+    wrong = list(ordered)
+    if swaps:
+        i = rng.choice(swaps)
+        wrong[i], wrong[i + 1] = wrong[i + 1], wrong[i]
+    else:
+        wrong[-1] += 1
+    return wrong
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public API: examples, splits, checking, and the conversation / preference views
+# --------------------------------------------------------------------------------------------------------------
+
+
+def split_of(prompt: str) -> str:
+    """"test" for TEST_PERCENT% of prompts, chosen by a hash of the prompt text, else "train"."""
+    digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+    return "test" if int.from_bytes(digest[:8], "big") % 100 < TEST_PERCENT else "train"
+
+
+def make_examples(task: str, n: int, split: str = "train", seed: int = 0) -> list[TaskExample]:
+    """`n` distinct examples of `task` whose prompts belong to `split`, the same ones for the same seed."""
+    _check_task(task)
+    if split not in SPLITS:
+        raise BinaryLMError(f"split={split!r} is not one of {', '.join(SPLITS)}")
+    if n < 0:
+        raise BinaryLMError(f"n must be zero or more, got {n}")
+    rng = random.Random(f"{task}:{split}:{seed}")
+    examples: dict[str, TaskExample] = {}
+    misses = 0  # draws in a row that gave nothing new: many mean the task has no more prompts in this split
+    while len(examples) < n:
+        prompt, answer, rejected = GENERATORS[task](rng)
+        if prompt in examples or split_of(prompt) != split:
+            misses += 1
+            if misses > MAX_MISSES_IN_A_ROW:
+                raise BinaryLMError(
+                    f"the {task} task ran out of distinct {split} prompts after {len(examples)} of the {n} asked; "
+                    "ask for fewer examples"
+                )
+            continue
+        misses = 0
+        examples[prompt] = TaskExample(task, prompt, answer, rejected)
+    return list(examples.values())
+
+
+def make_suite(
+    n_per_task: int, split: str = "train", seed: int = 0, tasks: Iterable[str] = TASKS
+) -> list[TaskExample]:
+    """`n_per_task` examples of each task, shuffled together deterministically."""
+    examples = [example for task in tasks for example in make_examples(task, n_per_task, split, seed)]
+    random.Random(f"suite:{split}:{seed}").shuffle(examples)
+    return examples
+
+
+def check(task: str, prediction: str, answer: str) -> bool:
+    """Exact match after collapsing runs of whitespace and trimming both ends."""
+    _check_task(task)
+    return _normalise(prediction) == _normalise(answer)
+
+
+def to_conversation(example: TaskExample) -> list[dict]:
+    """The instruction variant: a user prompt and the assistant's exact answer."""
+    return [{"role": "user", "content": example.prompt}, {"role": "assistant", "content": example.answer}]
+
+
+def to_preference(example: TaskExample) -> dict:
+    """The preference variant: {"prompt", "chosen" (the right answer), "rejected" (a plausible wrong one)}."""
+    return {"prompt": example.prompt, "chosen": example.answer, "rejected": example.rejected}
+
+
+def write_messages_jsonl(examples: Iterable[TaskExample], path: str | os.PathLike) -> None:
+    """Write the instruction variant as OpenAI-style {"messages": [...]} JSONL, atomically."""
+    lines = [json.dumps({"messages": to_conversation(example)}) for example in examples]
+    write_atomically(path, "".join(line + "\n" for line in lines).encode("utf-8"))
+
+
+def write_preferences_jsonl(examples: Iterable[TaskExample], path: str | os.PathLike) -> None:
+    """Write the preference variant, one {"prompt", "chosen", "rejected"} object per line, atomically."""
+    lines = [json.dumps(to_preference(example)) for example in examples]
+    write_atomically(path, "".join(line + "\n" for line in lines).encode("utf-8"))
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _check_task(task: str) -> None:
+    if task not in GENERATORS:
+        raise BinaryLMError(f"unknown task {task!r}; the built-in tasks are {', '.join(TASKS)}")
