@@ -7,6 +7,11 @@
       train_state.pt      optimizer, step, data position (only while training; weights-only load)
       metrics.json        the latest evaluation figures
 
+A LoRA fine-tuning run saves its adapter alone: adapter.safetensors and adapter.json
+take the place of model.safetensors, and config.json's finetune.base names the base
+checkpoint, which `load_checkpoint` loads (quantized again for QLoRA) before adding
+the adapter and, over a float base, merging it.
+
 A checkpoint is written into a temporary directory and renamed into place,
 so a crash mid-write never leaves a half checkpoint behind. `run/latest`
 names the newest complete checkpoint.
@@ -28,7 +33,8 @@ from binarylm.config import RunConfig, config_from_dict
 from binarylm.errors import BinaryLMError
 from binarylm.files import staged_directory, write_atomically, write_json_atomically
 from binarylm.model import Transformer
-from binarylm.model.quant import apply_quantized_structure, quantization_record
+from binarylm.model.lora import ADAPTER_CONFIG, load_adapter, lora_layers, save_adapter, strip_lora
+from binarylm.model.quant import apply_quantized_structure, quantization_record, quantize_model
 from binarylm.tokenizer import Tokenizer
 from binarylm.tokenizer import load as load_tokenizer
 from binarylm.tokenizer import save as save_tokenizer
@@ -63,12 +69,16 @@ def write_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Tokeni
                      train_state: dict | None = None, metrics: dict | None = None) -> Path:
     """Write one checkpoint directory at `path`: staged under a temporary name, then renamed into place."""
     values = config.to_dict()
-    quantization = quantization_record(model)  # None for a float model
+    adapted = bool(lora_layers(model))
+    quantization = None if adapted else quantization_record(model)  # None for a float model
     if quantization is not None:
         values["quantization"] = quantization  # beside the RunConfig sections, read back by load_checkpoint
     with staged_directory(path) as staging:
         write_json_atomically(staging / "config.json", values)
-        save_model(model, str(staging / "model.safetensors"))
+        if adapted:
+            save_adapter(staging, model)
+        else:
+            save_model(model, str(staging / "model.safetensors"))
         save_tokenizer(tokenizer, staging / "tokenizer.json")
         write_json_atomically(staging / "metrics.json", metrics or {})
         if train_state is not None:
@@ -87,7 +97,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         found = sorted(p.name for p in path.glob("ckpt-*") if p.is_dir())
         hint = f"; it holds {', '.join(found)}" if found else ""
         raise BinaryLMError(f"{path} is neither a checkpoint nor a run directory with a '{LATEST}' file{hint}")
-    missing = [name for name in FILES if not (path / name).is_file()]
+    needed = [name for name in FILES if name != "model.safetensors" or not (path / ADAPTER_CONFIG).is_file()]
+    missing = [name for name in needed if not (path / name).is_file()]
     if missing:
         raise BinaryLMError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); use another checkpoint")
     return path
@@ -102,13 +113,31 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise BinaryLMError(f"{path / 'config.json'} is corrupt ({exc}); use another checkpoint") from None
     quantization = values.pop("quantization", None)
     config = config_from_dict(values)
-    model = Transformer(config.model)
-    if quantization is not None:  # quantized layers first, so the int8/uint8 tensors load into their own shapes
-        apply_quantized_structure(model, quantization)
-    _load_weights(model, path / "model.safetensors")
+    if (path / ADAPTER_CONFIG).is_file() and not (path / "model.safetensors").is_file():
+        model = _adapted_base(path, config)
+    else:
+        model = Transformer(config.model)
+        if quantization is not None:  # quantized layers first, so the int8/uint8 tensors load into their shapes
+            apply_quantized_structure(model, quantization)
+        _load_weights(model, path / "model.safetensors")
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return Checkpoint(model.to(device).eval(), load_tokenizer(path / "tokenizer.json"), config, path, metrics)
+
+
+def _adapted_base(path: Path, config: RunConfig) -> Transformer:
+    """The base named by an adapter checkpoint, with the adapter on top (merged into a float base)."""
+    base = config.finetune.base
+    if not base or not Path(base).exists():
+        raise BinaryLMError(f"{path} holds a LoRA adapter whose base checkpoint {base!r} is not there; "
+                            "put the base back at that path, or edit finetune.base in its config.json")
+    model = load_checkpoint(base).model
+    if config.finetune.quantize_base != "none":
+        quantize_model(model, config.finetune.quantize_base)
+    load_adapter(path, model)
+    if config.finetune.quantize_base == "none":
+        strip_lora(model, merge=True)  # a plain model again, which every exporter takes
+    return model
 
 
 def _load_weights(model: Transformer, file: Path) -> None:

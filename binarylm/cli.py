@@ -2,6 +2,7 @@
 
     binarylm demo [--minutes 10]                       the whole path on built-in data, with a report
     binarylm pretrain [--config configs/x.yaml] [--resume] [--train.lr 3e-4 ...]
+    binarylm finetune sft --finetune.base runs/demo [--finetune.lora_rank 8] [--resume]
     binarylm generate --checkpoint runs/demo "def main("
     binarylm eval --checkpoint runs/demo
     binarylm convert runs/demo exported/ --to hf       (or --to gguf / binarylm; sources in any of them)
@@ -96,6 +97,16 @@ def pretrain(args: argparse.Namespace) -> None:
 
     config = _run_config(args.config, parse_overrides(args.overrides), args.resume)
     metrics = run_pretrain(config, resume=args.resume, progress=not args.quiet)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
+
+
+def finetune(args: argparse.Namespace) -> None:
+    from binarylm.config import parse_overrides
+    from binarylm.train.sft import sft
+
+    stages = {"sft": sft}
+    config = _run_config(args.config, parse_overrides(args.overrides), args.resume)
+    metrics = stages[args.stage](config, resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
 
 
@@ -326,6 +337,18 @@ def _add_run_verbs(verbs) -> None:
                        help="continue the run in train.out_dir from its latest checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=pretrain, command_parser=train, takes_overrides=True)
+
+    tune = verbs.add_parser(
+        "finetune", help="post-train a checkpoint: sft (settings: --finetune.KEY / --train.KEY VALUE)",
+        epilog="Start from a checkpoint with --finetune.base DIR. Without --finetune.data the built-in verifiable "
+               "tasks are used (--finetune.tasks arithmetic,reverse,...). --finetune.lora_rank 8 trains LoRA "
+               "adapters on a frozen base; add --finetune.quantize_base int8 (or int4) for QLoRA.")
+    tune.add_argument("stage", choices=["sft"], help="the post-training stage")
+    tune.add_argument("--config", help="a YAML recipe, e.g. configs/sft.yaml")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue the run in train.out_dir from its latest checkpoint")
+    tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    tune.set_defaults(run=finetune, command_parser=tune, takes_overrides=True)
 
     gen = verbs.add_parser("generate", help="continue a prompt with a trained model, streaming")
     gen.add_argument("prompt", nargs="?", default="", help="the text to continue (empty: start a new document)")

@@ -17,7 +17,8 @@ from binarylm.train.tensorboard import EventWriter
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True, progress: bool = True):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool = True, progress: bool = True,
+                 desc: str = "pretrain"):
         self.enabled = enabled
         self.started = time.perf_counter()
         if not enabled:
@@ -25,7 +26,7 @@ class Monitor:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(run_dir / "metrics.jsonl", "a")
         self._events = EventWriter(run_dir / "tensorboard")
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
+        self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step",
                          disable=not progress, dynamic_ncols=True)
 
     def log(self, step: int, split: str, values: dict[str, Any]) -> None:
