@@ -33,8 +33,8 @@ from binarylm.config import RunConfig, config_from_dict
 from binarylm.errors import BinaryLMError
 from binarylm.files import staged_directory, write_atomically, write_json_atomically
 from binarylm.model import Transformer
-from binarylm.model.lora import ADAPTER_CONFIG, load_adapter, lora_layers, save_adapter, strip_lora
-from binarylm.model.quant import apply_quantized_structure, quantization_record, quantize_model
+from binarylm.model.lora import ADAPTER_CONFIG, frozen_base, load_adapter, lora_layers, save_adapter, strip_lora
+from binarylm.model.quant import apply_quantized_structure, quantization_record
 from binarylm.tokenizer import Tokenizer
 from binarylm.tokenizer import load as load_tokenizer
 from binarylm.tokenizer import save as save_tokenizer
@@ -131,9 +131,7 @@ def _adapted_base(path: Path, config: RunConfig) -> Transformer:
     if not base or not Path(base).exists():
         raise BinaryLMError(f"{path} holds a LoRA adapter whose base checkpoint {base!r} is not there; "
                             "put the base back at that path, or edit finetune.base in its config.json")
-    model = load_checkpoint(base).model
-    if config.finetune.quantize_base != "none":
-        quantize_model(model, config.finetune.quantize_base)
+    model = frozen_base(load_checkpoint(base).model, config.finetune.quantize_base)
     load_adapter(path, model)
     if config.finetune.quantize_base == "none":
         strip_lora(model, merge=True)  # a plain model again, which every exporter takes

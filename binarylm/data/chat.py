@@ -54,7 +54,7 @@ def render_chat(messages: list[dict], tokenizer: Tokenizer, add_generation_promp
 def _chatml(messages: list[dict], tokenizer: Tokenizer, start: int, end: int, generate: bool) -> RenderedChat:
     ids: list[int] = []
     for message in messages:
-        ids += [start, *tokenizer.encode_ordinary(f"{message['role']}\n{message['content']}"), end]
+        ids += [start, *_turn_ids(message, tokenizer), end]
         ids += tokenizer.encode_ordinary("\n")
     if generate:
         ids += [start, *tokenizer.encode_ordinary("assistant\n")]
@@ -114,10 +114,6 @@ def render_for_training(messages: list[dict], tokenizer: Tokenizer, train_on: st
     With ChatML tokens the ids equal `render_chat(messages, add_generation_prompt=False)`,
     so for an assistant message k the generation prompt `render_chat(messages[:k]).prompt_ids`
     is a prefix of them and the masked reply is what the model is asked to continue with.
-    (The one exception: a reply starting with a line break, which the tokenizer may merge
-    with the header's "\\n" when `render_chat` puts it in a history. Such a reply is encoded
-    apart from its header, as the model generates it, so the prefix property holds for its
-    own prompt but not for the prompts of later turns.)
 
     The plain fallback renders "User: ...\\nAssistant: reply" and trains on " reply"
     followed by <|endoftext|> when the tokenizer has one. Its prompt before the first reply
@@ -149,22 +145,18 @@ def _chatml_segments(messages: list[dict], tokenizer: Tokenizer, start: int, end
     for message in messages:
         if message["role"] == "assistant":
             segments.append(Segment(header, None))
-            segments.append(Segment([*_reply_ids(message["content"], tokenizer), end], replies))
+            segments.append(Segment([*tokenizer.encode_ordinary(message["content"]), end], replies))
             replies += 1
         else:
-            turn = tokenizer.encode_ordinary(f"{message['role']}\n{message['content']}")
-            segments.append(Segment([start, *turn, end], None))
+            segments.append(Segment([start, *_turn_ids(message, tokenizer), end], None))
         segments.append(Segment(newline, None))
     return segments
 
 
-def _reply_ids(content: str, tokenizer: Tokenizer) -> list[int]:
-    """The ids of an assistant reply as `render_chat` encodes them in a history (header and text together)."""
-    header = tokenizer.encode_ordinary("assistant\n")
-    together = tokenizer.encode_ordinary(f"assistant\n{content}")
-    if together[: len(header)] == header:
-        return together[len(header) :]
-    return tokenizer.encode_ordinary(content)  # the header's "\n" merged into the reply: encode it as generated
+def _turn_ids(message: dict, tokenizer: Tokenizer) -> list[int]:
+    """A turn's role header and its text, encoded apart: the text's tokens are those the model produces after
+    "<|im_start|>assistant\\n", whatever the text starts with."""
+    return [*tokenizer.encode_ordinary(f"{message['role']}\n"), *tokenizer.encode_ordinary(message["content"])]
 
 
 def _plain_segments(messages: list[dict], tokenizer: Tokenizer) -> list[Segment]:

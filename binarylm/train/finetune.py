@@ -32,8 +32,7 @@ from binarylm.errors import BinaryLMError
 from binarylm.infer.engine import Engine
 from binarylm.infer.sampling import SamplingParams
 from binarylm.model import Transformer
-from binarylm.model.lora import LoRAConfig, add_lora, describe_trainable, load_adapter
-from binarylm.model.quant import quantize_model
+from binarylm.model.lora import LoRAConfig, add_lora, describe_trainable, frozen_base, load_adapter
 from binarylm.tokenizer import Tokenizer
 from binarylm.train.distributed import pick_device
 from binarylm.train.monitor import Monitor
@@ -127,10 +126,7 @@ def adapt(model: Transformer, config: RunConfig) -> Transformer:
     tune = config.finetune
     if tune.lora_rank <= 0:
         return model.train()
-    if tune.quantize_base != "none":
-        quantize_model(model, tune.quantize_base)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    frozen_base(model, tune.quantize_base)
     add_lora(model, LoRAConfig(rank=tune.lora_rank, alpha=tune.lora_alpha, dropout=tune.lora_dropout,
                                targets=list(tune.lora_targets)))
     return model.train()
