@@ -6,6 +6,7 @@
       tokenizer.json      the tokenizer, self-contained
       train_state.pt      optimizer, step, data position (only while training; weights-only load)
       metrics.json        the latest evaluation figures
+      heads.safetensors   small modules trained beside the model (a reward, value or class head), if any
 
 A LoRA fine-tuning run saves its adapter alone: adapter.safetensors and adapter.json
 take the place of model.safetensors, and config.json's finetune.base names the base
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from binarylm.config import RunConfig, config_from_dict
 from binarylm.errors import BinaryLMError
@@ -40,6 +41,7 @@ from binarylm.tokenizer import load as load_tokenizer
 from binarylm.tokenizer import save as save_tokenizer
 
 LATEST = "latest"
+HEADS = "heads.safetensors"
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
@@ -57,16 +59,18 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer,
-                    config: RunConfig, train_state: dict | None = None, metrics: dict | None = None) -> Path:
+                    config: RunConfig, train_state: dict | None = None, metrics: dict | None = None,
+                    heads: dict[str, torch.nn.Module] | None = None) -> Path:
     """Write checkpoint `step` under `run_dir` atomically and point `latest` at it."""
     run_dir = Path(run_dir)
-    final = write_checkpoint(run_dir / checkpoint_name(step), model, tokenizer, config, train_state, metrics)
+    final = write_checkpoint(run_dir / checkpoint_name(step), model, tokenizer, config, train_state, metrics, heads)
     write_atomically(run_dir / LATEST, (final.name + "\n").encode())
     return final
 
 
 def write_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Tokenizer, config: RunConfig,
-                     train_state: dict | None = None, metrics: dict | None = None) -> Path:
+                     train_state: dict | None = None, metrics: dict | None = None,
+                     heads: dict[str, torch.nn.Module] | None = None) -> Path:
     """Write one checkpoint directory at `path`: staged under a temporary name, then renamed into place."""
     values = config.to_dict()
     adapted = bool(lora_layers(model))
@@ -83,7 +87,24 @@ def write_checkpoint(path: str | Path, model: torch.nn.Module, tokenizer: Tokeni
         write_json_atomically(staging / "metrics.json", metrics or {})
         if train_state is not None:
             torch.save(train_state, staging / "train_state.pt")
+        if heads:
+            tensors = {f"{name}.{key}": value.detach().cpu().contiguous()
+                       for name, head in heads.items() for key, value in head.state_dict().items()}
+            save_file(tensors, str(staging / HEADS))
     return Path(path)
+
+
+def load_heads(path: str | Path, heads: dict[str, torch.nn.Module]) -> None:
+    """Fill `heads` (name -> module) from the checkpoint's heads.safetensors; each one must be there."""
+    file = resolve_checkpoint(path) / HEADS
+    saved = load_file(str(file)) if file.is_file() else {}
+    names = {key.split(".", 1)[0] for key in saved}
+    if names != set(heads):
+        raise BinaryLMError(f"{Path(path)} holds the heads {sorted(names) or 'none'} where {sorted(heads)} were "
+                            "expected; resume or load it with the stage that trained it")
+    for name, head in heads.items():
+        head.load_state_dict({key.split(".", 1)[1]: value for key, value in saved.items()
+                              if key.split(".", 1)[0] == name})
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -102,9 +102,11 @@ def pretrain(args: argparse.Namespace) -> None:
 
 def finetune(args: argparse.Namespace) -> None:
     from binarylm.config import parse_overrides
+    from binarylm.train.dpo import dpo
+    from binarylm.train.rlhf import grpo, ppo, reward
     from binarylm.train.sft import sft
 
-    stages = {"sft": sft}
+    stages = {"sft": sft, "dpo": dpo, "reward": reward, "ppo": ppo, "grpo": grpo}
     config = _run_config(args.config, parse_overrides(args.overrides), args.resume)
     metrics = stages[args.stage](config, resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
@@ -339,11 +341,14 @@ def _add_run_verbs(verbs) -> None:
     train.set_defaults(run=pretrain, command_parser=train, takes_overrides=True)
 
     tune = verbs.add_parser(
-        "finetune", help="post-train a checkpoint: sft (settings: --finetune.KEY / --train.KEY VALUE)",
+        "finetune", help="post-train a checkpoint: sft, dpo, reward, ppo, grpo (settings: --finetune.KEY VALUE)",
         epilog="Start from a checkpoint with --finetune.base DIR. Without --finetune.data the built-in verifiable "
                "tasks are used (--finetune.tasks arithmetic,reverse,...). --finetune.lora_rank 8 trains LoRA "
                "adapters on a frozen base; add --finetune.quantize_base int8 (or int4) for QLoRA.")
-    tune.add_argument("stage", choices=["sft"], help="the post-training stage")
+    tune.add_argument("stage", choices=["sft", "dpo", "reward", "ppo", "grpo"],
+                      help="sft: supervised fine-tuning on chats; dpo: direct preference optimisation; reward: a "
+                           "reward model on preference pairs; ppo: RL against a reward model or the task checkers; "
+                           "grpo: group-relative policy optimisation with the task checkers")
     tune.add_argument("--config", help="a YAML recipe, e.g. configs/sft.yaml")
     tune.add_argument("--resume", action="store_true",
                       help="continue the run in train.out_dir from its latest checkpoint")

@@ -187,6 +187,15 @@ class FinetuneConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "up", "down"])  # names or globs
     quantize_base: str = "none"  # none | int8 | int4: a quantized frozen base under the adapters (QLoRA)
     beta: float = 0.1  # DPO's strength of the pull towards the reference model
+    group_size: int = 4  # GRPO: answers sampled per prompt (at least 2)
+    kl_coef: float = 0.04  # GRPO / PPO: weight of the KL penalty to the reference; 0 keeps no reference
+    clip_ratio: float = 0.2  # GRPO / PPO: the policy ratio is clipped to [1 - clip, 1 + clip]
+    value_clip: float = 0.2  # PPO: how far a value estimate may move from its rollout value
+    value_coef: float = 0.1  # PPO: weight of the value loss
+    gae_gamma: float = 1.0  # PPO: discount per token
+    gae_lambda: float = 0.95  # PPO: GAE's bias-variance trade-off
+    rollout_temperature: float = 1.0  # GRPO / PPO: sampling temperature of the rollouts
+    reward_model: str = ""  # PPO: a `finetune reward` checkpoint; empty scores answers with the task checkers
 
     def validate(self) -> None:
         if self.train_on not in TRAIN_ON:

@@ -4,19 +4,20 @@ Each task family draws short prompts from a seeded generator and knows the one r
 answer, a plausible wrong one (for preference data), and how to judge a prediction:
 
     arithmetic   "What is 17 + 25?"        -> "42"
-    reverse      "Reverse: cat"            -> "tac"
-    upper        "Upper: cat"              -> "CAT"
-    count        "Count a in: banana"      -> "3"
+    reverse      "Reverse: c a t"          -> "t a c"
+    upper        "Upper: c a t"            -> "C A T"
+    count        "Count a in: b a n a n a" -> "3"
     sort         "Sort: 5 3 9"             -> "3 5 9"
     python       "Python: 3 * (2 + 4)"     -> "18"
 
-Train and test are split by a hash of the prompt, not by the seed, so a test prompt
-never appears in any training set, whichever seeds made them. Python expressions are
+The word tasks spell their words out, a letter per token, because a small model cannot see
+the letters inside a multi-letter BPE token. Train and test are split by a hash of the prompt,
+not by the seed, so a test prompt never appears in any training set, whichever seeds made them. Python expressions are
 built as small trees whose value is computed alongside their text; nothing is `eval`ed.
 
     examples = make_examples("reverse", 1000, split="train", seed=0)
     write_messages_jsonl(examples, "reverse.jsonl")        # read back by chat.read_conversations
-    check("reverse", " tac ", "tac")                        # True: whitespace is normalised
+    check("reverse", " t a  c ", "t a c")                   # True: whitespace is normalised
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ class TaskExample:
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
-    """Addition and subtraction of numbers below 100 (never negative), multiplication up to 12 * 12."""
+    """Addition and subtraction of numbers up to 20 (never negative), multiplication up to 9 * 9: small enough
+    tables that a model of a few million parameters learns the rule, not a list of answers."""
     operator = rng.choice("+-*")
     if operator == "*":
-        left, right = rng.randint(0, 12), rng.randint(0, 12)
+        left, right = rng.randint(0, 9), rng.randint(0, 9)
         value = left * right
     else:
-        left, right = rng.randint(0, 99), rng.randint(0, 99)
+        left, right = rng.randint(0, 20), rng.randint(0, 20)
         if operator == "-":
             left, right = max(left, right), min(left, right)
         value = left + right if operator == "+" else left - right
@@ -71,7 +73,7 @@ def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
 def _reverse(rng: random.Random) -> tuple[str, str, str]:
     word = _word(rng)
     answer = word[::-1]
-    return f"Reverse: {word}", answer, _near_miss_spelling(rng, answer, word)
+    return f"Reverse: {_spelled(word)}", _spelled(answer), _spelled(_near_miss_spelling(rng, answer, word))
 
 
 def _upper(rng: random.Random) -> tuple[str, str, str]:
@@ -79,7 +81,7 @@ def _upper(rng: random.Random) -> tuple[str, str, str]:
     answer = word.upper()
     position = rng.randrange(len(word))  # one letter left in lower case
     rejected = answer[:position] + word[position] + answer[position + 1 :]
-    return f"Upper: {word}", answer, rejected
+    return f"Upper: {_spelled(word)}", _spelled(answer), _spelled(rejected)
 
 
 def _count(rng: random.Random) -> tuple[str, str, str]:
@@ -88,7 +90,7 @@ def _count(rng: random.Random) -> tuple[str, str, str]:
     word = "".join(rng.choice(letters) for _ in range(rng.randint(4, 8)))
     letter = rng.choice(letters)
     value = word.count(letter)
-    return f"Count {letter} in: {word}", str(value), _off_by_one(rng, value, lowest=0)
+    return f"Count {letter} in: {_spelled(word)}", str(value), _off_by_one(rng, value, lowest=0)
 
 
 def _sort(rng: random.Random) -> tuple[str, str, str]:
@@ -194,6 +196,12 @@ def _word(rng: random.Random, shortest: int = 3, longest: int = 6) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(shortest, longest)))
 
 
+def _spelled(word: str) -> str:
+    """'cat' -> 'c a t'. A BPE token holds several letters that a small model cannot see inside, so the word
+    tasks spell their words out: each letter is then one token (' c'), and the task is about letters."""
+    return " ".join(word)
+
+
 def _spaced(numbers: Iterable[int]) -> str:
     return " ".join(str(number) for number in numbers)
 
@@ -241,8 +249,11 @@ def split_of(prompt: str) -> str:
     return "test" if int.from_bytes(digest[:8], "big") % 100 < TEST_PERCENT else "train"
 
 
-def make_examples(task: str, n: int, split: str = "train", seed: int = 0) -> list[TaskExample]:
-    """`n` distinct examples of `task` whose prompts belong to `split`, the same ones for the same seed."""
+def make_examples(task: str, n: int, split: str = "train", seed: int = 0, at_most: bool = False) -> list[TaskExample]:
+    """`n` distinct examples of `task` whose prompts belong to `split`, the same ones for the same seed.
+
+    A task with fewer than `n` distinct prompts in the split is an error, or with `at_most` gives all it has.
+    """
     _check_task(task)
     if split not in SPLITS:
         raise BinaryLMError(f"split={split!r} is not one of {', '.join(SPLITS)}")
@@ -255,6 +266,8 @@ def make_examples(task: str, n: int, split: str = "train", seed: int = 0) -> lis
         prompt, answer, rejected = GENERATORS[task](rng)
         if prompt in examples or split_of(prompt) != split:
             misses += 1
+            if misses > MAX_MISSES_IN_A_ROW and at_most:
+                break
             if misses > MAX_MISSES_IN_A_ROW:
                 raise BinaryLMError(
                     f"the {task} task ran out of distinct {split} prompts after {len(examples)} of the {n} asked; "

@@ -96,6 +96,19 @@ class Tuning:
     optimizer: torch.optim.Optimizer | None = None
     step: int = 0
     elapsed: float = 0.0
+    heads: dict[str, torch.nn.Module] = field(default_factory=dict)  # small modules beside the model (a reward,
+    # value or class head): trained with it, saved in each checkpoint's heads.safetensors, restored on resume
+
+    def add_heads(self, heads: dict[str, torch.nn.Module]) -> None:
+        """Train `heads` beside the model (moved to its device; no weight decay). Call before `restore`."""
+        for name, head in heads.items():
+            self.heads[name] = head.to(self.device).train()
+            self.optimizer.add_param_group({"params": list(head.parameters()), "weight_decay": 0.0})
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """Every parameter the optimizer moves: the model's trainable ones, then the heads'."""
+        model = [p for p in self.model.parameters() if p.requires_grad]
+        return model + [p for head in self.heads.values() for p in head.parameters()]
 
 
 # ------------------------------------------------------------------- set-up
@@ -114,6 +127,7 @@ def start(stage: str, config: RunConfig, resume: bool = False) -> Tuning:
     config.finetune.base = str(base.path.resolve())  # checkpoints of adapters find their base from anywhere
     config.model = base.config.model  # the shape is the base's, whatever the recipe says
     device = pick_device(train.device)
+    torch.manual_seed(train.seed)  # the same adapter initialisation in every run of this config
     model = adapt(base.model, config).to(device)
     tuning = Tuning(stage, config, run_dir, base.tokenizer, model, device)
     tuning.optimizer = build_optimizer(model, train)
@@ -148,6 +162,7 @@ def restore(tuning: Tuning, order: ExampleOrder) -> None:
     else:
         saved = checkpoint.load_checkpoint(found, device=tuning.device)
         tuning.model.load_state_dict(saved.model.state_dict())
+    checkpoint.load_heads(found, tuning.heads)
     state = checkpoint.load_train_state(found)
     tuning.optimizer.load_state_dict(state["optimizer"])
     order.load_state_dict(state["order"])
@@ -202,20 +217,22 @@ def _step(tuning: Tuning, order: ExampleOrder, loss: LossFunction) -> tuple[floa
         total += value.item() / settings.grad_accum
         for name, number in extra.items():
             figures[name] = figures.get(name, 0.0) + number / settings.grad_accum
-    trainable = [p for p in tuning.model.parameters() if p.requires_grad]
     max_norm = settings.grad_clip if settings.grad_clip > 0 else float("inf")
-    figures["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
+    figures["grad_norm"] = torch.nn.utils.clip_grad_norm_(tuning.trainable(), max_norm).item()
     tuning.optimizer.step()
     tuning.optimizer.zero_grad(set_to_none=True)
     return total, figures
 
 
 def _evaluate(tuning: Tuning, monitor: Monitor, evaluate: Callable[[], dict], split: str) -> dict:
-    tuning.model.eval()
+    modules = [tuning.model, *tuning.heads.values()]
+    for module in modules:
+        module.eval()
     try:
         figures = evaluate()
     finally:
-        tuning.model.train()
+        for module in modules:
+            module.train()
     monitor.log(tuning.step, split, figures)
     monitor.message(f"step {tuning.step} ({split}): " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
     return {f"{split}_{name}": value for name, value in figures.items()}
@@ -230,7 +247,7 @@ def _save(tuning: Tuning, order: ExampleOrder, started: float, metrics: dict) ->
     state = {"step": tuning.step, "optimizer": tuning.optimizer.state_dict(), "order": order.state_dict(),
              "elapsed": tuning.elapsed + time.perf_counter() - started}
     checkpoint.save_checkpoint(tuning.run_dir, tuning.step, tuning.model, tuning.tokenizer, tuning.config,
-                               state, metrics)
+                               state, metrics, heads=tuning.heads)
     checkpoint.prune_checkpoints(tuning.run_dir, tuning.config.train.keep_checkpoints)
 
 

@@ -59,12 +59,18 @@ def training_examples(config: RunConfig, tokenizer) -> list[tuple[list[int], lis
 
 
 def train_tasks(config: RunConfig) -> list[TaskExample]:
+    """finetune.train_examples of each built-in task; a task with fewer distinct prompts (small arithmetic has
+    about 640) repeats them, so that every task weighs the same in the mix."""
     tune = config.finetune
-    return [example for task in tune.tasks
-            for example in make_examples(task, tune.train_examples, "train", config.train.seed)]
+    examples = []
+    for task in tune.tasks:
+        distinct = make_examples(task, tune.train_examples, "train", config.train.seed, at_most=True)
+        examples += [distinct[i % len(distinct)] for i in range(tune.train_examples)] if distinct else []
+    return examples
 
 
 def test_tasks(config: RunConfig) -> list[TaskExample]:
     """The held-out built-in tasks scored during training (none when training on files without tasks)."""
     tune = config.finetune
-    return [example for task in tune.tasks for example in make_examples(task, tune.test_examples, "test", 0)]
+    return [example for task in tune.tasks
+            for example in make_examples(task, tune.test_examples, "test", 0, at_most=True)]
