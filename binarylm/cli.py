@@ -3,6 +3,7 @@
     binarylm demo [--minutes 10]                       the whole path on built-in data, with a report
     binarylm pretrain [--config configs/x.yaml] [--resume] [--train.lr 3e-4 ...]
     binarylm finetune sft --finetune.base runs/demo [--finetune.lora_rank 8] [--resume]
+    binarylm chat --checkpoint runs/demo/sft [--system "You are terse."]
     binarylm generate --checkpoint runs/demo "def main("
     binarylm eval --checkpoint runs/demo
     binarylm convert runs/demo exported/ --to hf       (or --to gguf / binarylm; sources in any of them)
@@ -102,11 +103,12 @@ def pretrain(args: argparse.Namespace) -> None:
 
 def finetune(args: argparse.Namespace) -> None:
     from binarylm.config import parse_overrides
+    from binarylm.train.classify import classify
     from binarylm.train.dpo import dpo
     from binarylm.train.rlhf import grpo, ppo, reward
     from binarylm.train.sft import sft
 
-    stages = {"sft": sft, "dpo": dpo, "reward": reward, "ppo": ppo, "grpo": grpo}
+    stages = {"sft": sft, "classify": classify, "dpo": dpo, "reward": reward, "ppo": ppo, "grpo": grpo}
     config = _run_config(args.config, parse_overrides(args.overrides), args.resume)
     metrics = stages[args.stage](config, resume=args.resume, progress=not args.quiet)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}))
@@ -260,7 +262,8 @@ def _model_config_of(target: str, override_args: list[str]):
 def demo(args: argparse.Namespace) -> None:
     from binarylm.demo import run_demo
 
-    report = run_demo(minutes=args.minutes, out_dir=args.out_dir, progress=not args.quiet)
+    report = run_demo(minutes=args.minutes, out_dir=args.out_dir, progress=not args.quiet,
+                      post_minutes=args.post_minutes)
     print(f"report: {report}")
 
 
@@ -327,6 +330,9 @@ def _add_run_verbs(verbs) -> None:
     demo_verb = verbs.add_parser("demo", help="tokenizer, pretraining, evaluation and samples on built-in data")
     demo_verb.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget for the whole demo")
     demo_verb.add_argument("--out-dir", default="runs/demo", help="where the run and its report go")
+    demo_verb.add_argument("--post-minutes", type=float, default=None,
+                           help="the part of --minutes for post-training (SFT then DPO on the built-in tasks); "
+                                "default 30%%, 0 skips it")
     demo_verb.add_argument("--quiet", action="store_true", help="no progress bars")
     demo_verb.set_defaults(run=demo, command_parser=demo_verb)
 
@@ -341,12 +347,13 @@ def _add_run_verbs(verbs) -> None:
     train.set_defaults(run=pretrain, command_parser=train, takes_overrides=True)
 
     tune = verbs.add_parser(
-        "finetune", help="post-train a checkpoint: sft, dpo, reward, ppo, grpo (settings: --finetune.KEY VALUE)",
+        "finetune", help="post-train a checkpoint: sft, classify, dpo, reward, ppo or grpo",
         epilog="Start from a checkpoint with --finetune.base DIR. Without --finetune.data the built-in verifiable "
                "tasks are used (--finetune.tasks arithmetic,reverse,...). --finetune.lora_rank 8 trains LoRA "
                "adapters on a frozen base; add --finetune.quantize_base int8 (or int4) for QLoRA.")
-    tune.add_argument("stage", choices=["sft", "dpo", "reward", "ppo", "grpo"],
-                      help="sft: supervised fine-tuning on chats; dpo: direct preference optimisation; reward: a "
+    tune.add_argument("stage", choices=["sft", "classify", "dpo", "reward", "ppo", "grpo"],
+                      help="sft: supervised fine-tuning on chats; classify: a class head on the last token; "
+                           "dpo: direct preference optimisation; reward: a "
                            "reward model on preference pairs; ppo: RL against a reward model or the task checkers; "
                            "grpo: group-relative policy optimisation with the task checkers")
     tune.add_argument("--config", help="a YAML recipe, e.g. configs/sft.yaml")
@@ -354,6 +361,10 @@ def _add_run_verbs(verbs) -> None:
                       help="continue the run in train.out_dir from its latest checkpoint")
     tune.add_argument("--quiet", action="store_true", help="no progress bar")
     tune.set_defaults(run=finetune, command_parser=tune, takes_overrides=True)
+
+    from binarylm.chat import add_chat_parser
+
+    add_chat_parser(verbs)
 
     gen = verbs.add_parser("generate", help="continue a prompt with a trained model, streaming")
     gen.add_argument("prompt", nargs="?", default="", help="the text to continue (empty: start a new document)")

@@ -196,6 +196,8 @@ class FinetuneConfig:
     gae_lambda: float = 0.95  # PPO: GAE's bias-variance trade-off
     rollout_temperature: float = 1.0  # GRPO / PPO: sampling temperature of the rollouts
     reward_model: str = ""  # PPO: a `finetune reward` checkpoint; empty scores answers with the task checkers
+    text_field: str = "text"  # classify: the JSONL field holding the text
+    label_field: str = "label"  # classify: the JSONL field holding the label (a string, integer or boolean)
 
     def validate(self) -> None:
         if self.train_on not in TRAIN_ON:

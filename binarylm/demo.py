@@ -1,10 +1,14 @@
 """`binarylm demo`: the whole path on built-in data, inside a wall-clock budget.
 
-tokenizer -> token shards -> pretraining -> held-out evaluation against xz -> samples -> report.
+tokenizer -> token shards -> pretraining -> held-out evaluation against xz -> samples
+          -> post-training (SFT, then DPO, on the built-in tasks) -> report.
 
-The budget is split by measurement: a few timed optimizer steps tell how many
-steps fit in the time left after preparing the data and before evaluating, and
-the learning-rate schedule is set to end exactly there.
+The pretraining budget is split by measurement: a few timed optimizer steps tell how
+many steps fit in the time left after preparing the data and before evaluating, and
+the learning-rate schedule is set to end exactly there. Post-training takes its share
+of the budget (`post_minutes`, by default 30%; 0 skips it): two thirds for supervised fine-tuning on the
+built-in verifiable tasks, one third for DPO on their preference pairs, with the
+held-out task accuracy measured before, between and after.
 """
 
 from __future__ import annotations
@@ -33,8 +37,18 @@ EVAL_TOKENS = 262_144  # held-out tokens scored at the end (about 1 MB of text)
 RESERVE_SECONDS = 25  # samples, report and slack
 
 
-def run_demo(minutes: float = 10.0, out_dir: str = "runs/demo", progress: bool = True) -> Path:
+POST_TASKS = ["arithmetic", "reverse", "upper", "count"]
+SFT_STEPS, DPO_STEPS = 600, 150  # upper bounds: the minutes given cut them short on a slow machine
+
+
+def run_demo(minutes: float = 10.0, out_dir: str = "runs/demo", progress: bool = True,
+             post_minutes: float | None = None) -> Path:
+    """The whole demo in about `minutes`, of which `post_minutes` (default: 30%) go to post-training."""
     started = time.perf_counter()
+    post_minutes = 0.3 * minutes if post_minutes is None else post_minutes
+    if not 0 <= post_minutes < minutes:
+        raise BinaryLMError(f"--post-minutes {post_minutes} must be at least 0 and below --minutes {minutes}")
+    pretrain_minutes = minutes - post_minutes
     config = load_config(RECIPE if RECIPE.is_file() else None, {"train.out_dir": out_dir, "model.preset": "demo"})
     run_dir = Path(out_dir)
     _clear_previous_run(run_dir)
@@ -42,10 +56,11 @@ def run_demo(minutes: float = 10.0, out_dir: str = "runs/demo", progress: bool =
     config.model.vocab_size = tokenizer.vocab_size
     step_seconds = _seconds_per_step(config)
     eval_seconds = step_seconds * EVAL_TOKENS / (config.train.batch_size * config.model.context_length) / 3
-    train_seconds = minutes * 60 - (time.perf_counter() - started) - eval_seconds - RESERVE_SECONDS
+    train_seconds = pretrain_minutes * 60 - (time.perf_counter() - started) - eval_seconds - RESERVE_SECONDS
     steps = int(train_seconds / step_seconds)
     if steps < 20:
-        raise BinaryLMError(f"a {minutes}-minute budget leaves time for only {steps} steps here; give --minutes more")
+        raise BinaryLMError(f"a {minutes}-minute budget leaves time for only {steps} pretraining steps here; "
+                            "give --minutes more")
     train = config.train
     train.max_steps, train.max_minutes = steps, train_seconds / 60
     train.eval_every = train.save_every = max(1, steps // 4)
@@ -54,8 +69,33 @@ def run_demo(minutes: float = 10.0, out_dir: str = "runs/demo", progress: bool =
     saved = checkpoint.load_checkpoint(run_dir)
     evaluation = evaluate_held_out(saved.model, saved.tokenizer, val_shards, EVAL_TOKENS, torch.device("cpu"))
     samples = _samples(saved)
+    post_training = _post_train(saved.path, run_dir, post_minutes, progress) if post_minutes > 0 else None
     facts = _facts(saved, metrics, train_shards, started)
-    return write_report(run_dir, "BinaryLM demo run", facts, evaluation, samples)
+    return write_report(run_dir, "BinaryLM demo run", facts, evaluation, samples, post_training)
+
+
+def _post_train(base: Path, run_dir: Path, minutes: float, progress: bool) -> list[dict]:
+    """SFT on the built-in tasks from the pretrained checkpoint, then DPO from the SFT model; each stage's
+    figures (task accuracy before and after) for the report."""
+    from binarylm.train.dpo import dpo
+    from binarylm.train.sft import sft
+
+    stages = []
+    for stage, run, share, steps, settings in (
+        (sft, "sft", 2 / 3, SFT_STEPS, {"train.lr": "1e-3", "finetune.train_examples": "5000"}),
+        (dpo, "dpo", 1 / 3, DPO_STEPS, {"train.lr": "1e-5", "finetune.train_examples": "500"}),
+    ):
+        out = run_dir / run
+        shutil.rmtree(out, ignore_errors=True)
+        config = load_config(None, {"finetune.base": str(base), "finetune.tasks": ",".join(POST_TASKS),
+                                    "train.out_dir": str(out), "train.max_steps": str(steps),
+                                    "train.max_minutes": str(minutes * share), "train.batch_size": "32",
+                                    "train.eval_every": str(steps), "train.save_every": str(steps),
+                                    "train.warmup_steps": "20", "train.weight_decay": "0", **settings})
+        _say(progress, f"post-training: {run} from {base} (at most {minutes * share:.1f} min)")
+        stages.append({"stage": run, **stage(config, progress=progress)})
+        base = checkpoint.resolve_checkpoint(out)
+    return stages
 
 
 def _clear_previous_run(run_dir: Path) -> None:

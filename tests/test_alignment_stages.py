@@ -14,7 +14,7 @@ from binarylm.model import Transformer
 from binarylm.train import rlhf
 from binarylm.train.dpo import Preference, dpo, read_preferences, tokenize_pairs
 from binarylm.train.monitor import read_metrics
-from binarylm.train.rlhf import checker_rewards, forward_with_hidden, grpo, load_reward_model, ppo, reward
+from binarylm.train.rlhf import checker_rewards, grpo, load_reward_model, ppo, reward
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +73,6 @@ def assert_resumes_exactly(stage, make_config, tmp_path, steps: int = 4) -> dict
 
 def same_weights(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-
-
-def test_forward_with_hidden_gives_the_states_the_output_head_reads():
-    for preset in ("tiny", "llama-tiny"):
-        config = build_config({"model": {"preset": preset, "vocab_size": 97}})
-        torch.manual_seed(0)
-        model = Transformer(config.model).eval()
-        ids = torch.randint(0, 97, (2, 9))
-        logits, hidden = forward_with_hidden(model, ids)
-        assert hidden.shape == (2, 9, config.model.d_model)
-        assert torch.allclose(model.lm_head(hidden), logits, atol=1e-6)
-        assert torch.allclose(forward_with_hidden(model, ids, logits=False)[1], hidden, atol=1e-6)
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])

@@ -38,8 +38,21 @@ def plot_loss_curve(run_dir: Path, path: Path) -> bool:
     return True
 
 
+def post_training_table(stages: list[dict]) -> list[str]:
+    """Markdown: held-out task accuracy per task, before post-training and after each stage."""
+    tasks = sorted(key[len("before_accuracy_"):] for key in stages[0] if key.startswith("before_accuracy_"))
+    header = ["task", "before (pretrained)", *(f"after {stage['stage']}" for stage in stages)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in [*tasks, ""]:
+        suffix = f"_{task}" if task else ""
+        cells = [task or "**all**", f"{stages[0][f'before_accuracy{suffix}']:.0%}"]
+        cells += [f"{stage[f'after_accuracy{suffix}']:.0%}" for stage in stages]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(run_dir: Path, title: str, facts: dict[str, str], evaluation: dict,
-                 samples: list[tuple[str, str]]) -> Path:
+                 samples: list[tuple[str, str]], post_training: list[dict] | None = None) -> Path:
     """runs/NAME/report.md with a plot beside it."""
     has_plot = plot_loss_curve(run_dir, run_dir / "loss.png")
     verdict = "beats" if evaluation["bits_per_byte"] < evaluation["xz_bits_per_byte"] else "does not beat"
@@ -57,6 +70,13 @@ def write_report(run_dir: Path, title: str, facts: dict[str, str], evaluation: d
     lines += ["## Samples", ""]
     for prompt, completion in samples:
         lines += [f"Prompt `{prompt.strip() or '(empty)'}`:", "", "```python", prompt + completion, "```", ""]
+    if post_training:
+        lines += ["## Post-training on the built-in tasks", "",
+                  "Exact-match accuracy of greedy answers on held-out prompts (never seen in training):", "",
+                  *post_training_table(post_training), ""]
+        for stage in post_training:
+            lines.append(f"- {stage['stage']}: {stage['step']} steps in {stage['elapsed_seconds'] / 60:.1f} min")
+        lines.append("")
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -61,6 +61,20 @@ class Transformer(nn.Module):
         only, (B, 1, V): all that generation needs after a prompt.
         """
         B, T = ids.shape
+        x = self.hidden_states(ids, cache)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(self._last_positions(x, cache) if last_only else x), None
+        if not return_logits:
+            loss = linear_cross_entropy(x.view(B * T, -1), self._head_weight(), targets.reshape(B * T))
+            return None, self.with_balancing_loss(loss)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+        return logits, self.with_balancing_loss(loss)
+
+    def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T, C): the final norm's output for ids (B, T), the vectors the output head reads. Heads of other
+        kinds (a reward, value or class head) read them too."""
+        T = ids.shape[1]
         end = (cache.length if cache is not None else 0) + T
         if end > self.config.context_length:
             raise BinaryLMError(
@@ -74,15 +88,15 @@ class Transformer(nn.Module):
             x = block(x, rotary, cache, layer)
         if cache is not None:
             cache.advance(T)
-        x = self.final_norm(x)  # (B, T, C)
-        if targets is None:
-            return self.lm_head(self._last_positions(x, cache) if last_only else x), None
-        if not return_logits:
-            loss = linear_cross_entropy(x.view(B * T, -1), self._head_weight(), targets.reshape(B * T))
-            return None, self._with_balancing_loss(loss)
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
-        return logits, self._with_balancing_loss(loss)
+        return self.final_norm(x)  # (B, T, C)
+
+    def with_balancing_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Training adds the experts' load-balancing loss; evaluation reports cross-entropy alone."""
+        experts = self._mixtures()
+        if not experts or not self.training:
+            return loss
+        balance = torch.stack([moe.aux_loss for moe in experts]).mean()
+        return loss + self.config.moe_aux_weight * balance.to(loss.dtype)
 
     @staticmethod
     def _last_positions(x: torch.Tensor, cache) -> torch.Tensor:
@@ -105,14 +119,6 @@ class Transformer(nn.Module):
         if self.config.position == "sinusoidal":
             return x + sinusoidal_positions(positions, self.config.d_model).to(x.dtype)
         return x
-
-    def _with_balancing_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """Training adds the experts' load-balancing loss; evaluation reports cross-entropy alone."""
-        experts = self._mixtures()
-        if not experts or not self.training:
-            return loss
-        balance = torch.stack([moe.aux_loss for moe in experts]).mean()
-        return loss + self.config.moe_aux_weight * balance.to(loss.dtype)
 
     def _mixtures(self) -> list[MixtureOfExperts]:
         return [block.mlp for block in self.blocks if isinstance(block.mlp, MixtureOfExperts)]

@@ -74,23 +74,6 @@ MAX_ROLLOUT_SLOTS = 256  # engine slots (sequences decoded together) per rollout
 # --------------------------------------------------------------------------------------------- hidden states
 
 
-def forward_with_hidden(model: Transformer, ids: torch.Tensor, logits: bool = True
-                        ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(logits (B, T, V) or None, final hidden states (B, T, C)) of ids (B, T), in one forward.
-
-    The hidden states are the output of the model's final norm, the input of its output head,
-    caught by a hook, so the model's own forward runs (any position scheme, adapters, MoE).
-    Without `logits` the head runs on the last position only and nothing of size V is kept.
-    """
-    caught: list[torch.Tensor] = []
-    hook = model.final_norm.register_forward_hook(lambda _module, _inputs, output: caught.append(output))
-    try:
-        output, _ = model(ids, last_only=not logits)
-    finally:
-        hook.remove()
-    return (output if logits else None), caught[0]
-
-
 def scalar_head(d_model: int) -> nn.Linear:
     """nn.Linear(d_model, 1) starting at zero: every sequence scores 0 until it learns otherwise."""
     head = nn.Linear(d_model, 1)
@@ -102,7 +85,7 @@ def scalar_head(d_model: int) -> nn.Linear:
 def last_token_scores(model: Transformer, head: nn.Module, ids: torch.Tensor, lengths: torch.Tensor
                       ) -> torch.Tensor:
     """(B,): the head's score of each row's hidden state at its last real token. ids (B, T) right-padded."""
-    _, hidden = forward_with_hidden(model, ids, logits=False)  # (B, T, C)
+    hidden = model.hidden_states(ids)  # (B, T, C)
     rows = torch.arange(ids.shape[0], device=ids.device)
     return head(hidden[rows, lengths - 1]).squeeze(-1)  # (B,)
 
@@ -379,7 +362,8 @@ def ppo(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     def loss(indices: list[int]):
         examples, batch = sample_prompts(tuning, prompts, indices, 1, settings)
         scores = scorer(examples, batch)  # (N,)
-        logits, hidden = forward_with_hidden(tuning.model, batch.inputs)  # (N, T, V), (N, T, C)
+        hidden = tuning.model.hidden_states(batch.inputs)  # (N, T, C)
+        logits = tuning.model.lm_head(hidden)  # (N, T, V)
         policy = token_logprobs(logits, batch.targets)  # (N, T)
         values = value_head(hidden).squeeze(-1)  # (N, T)
         anchor = reference.token_logprobs(batch.inputs, batch.targets) if reference is not None else None
