@@ -90,3 +90,19 @@ def test_sft_errors_name_the_fix(base, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(BinaryLMError, match="needs adapters"):
         build_config({"finetune": {"quantize_base": "int4"}})
+
+
+def test_the_demos_post_training_reports_task_accuracy_before_and_after_each_stage(base, tmp_path, monkeypatch):
+    from binarylm import demo
+    from binarylm.eval.report import write_report
+
+    monkeypatch.setattr(demo, "SFT_STEPS", 4)
+    monkeypatch.setattr(demo, "DPO_STEPS", 2)
+    monkeypatch.setattr(demo, "POST_TASKS", ["arithmetic", "upper"])
+    stages = demo._post_train(base, tmp_path, minutes=1.0, progress=False)
+    assert [stage["stage"] for stage in stages] == ["sft", "dpo"] and stages[1]["step"] == 2
+    evaluation = {"bits_per_byte": 1.0, "xz_bits_per_byte": 1.5, "bytes": 10, "tokens": 3, "loss": 1.0,
+                  "perplexity": 2.7}
+    report = write_report(tmp_path, "t", {}, evaluation, [], stages).read_text()
+    assert "| task | before (pretrained) | after sft | after dpo |" in report
+    assert f"| upper | {stages[0]['before_accuracy_upper']:.0%} | {stages[0]['after_accuracy_upper']:.0%} |" in report

@@ -11,7 +11,7 @@ log = logging.getLogger(__name__)
 
 
 def plot_loss_curve(run_dir: Path, path: Path) -> bool:
-    """Train and validation loss against tokens seen, as a PNG; False when matplotlib is missing."""
+    """Train and validation loss against tokens seen, as a PNG; False when matplotlib or the metrics are missing."""
     try:
         import matplotlib
 
@@ -23,6 +23,8 @@ def plot_loss_curve(run_dir: Path, path: Path) -> bool:
     records = read_metrics(run_dir)
     train = [(r["tokens"], r["loss"]) for r in records if r["split"] == "train"]
     val = [(r["tokens"], r["loss"]) for r in records if r["split"] == "val"]
+    if not train:
+        return False
     figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
     axes.plot(*zip(*train), label="train", linewidth=1.2)
     if val:
