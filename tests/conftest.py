@@ -58,3 +58,20 @@ def _serve_on_loopback(app):
 def loopback_server():
     """`with loopback_server(app) as base_url:` serves an app over real HTTP for the duration of the block."""
     return _serve_on_loopback
+
+
+@pytest.fixture(scope="session")
+def base(small_tokenizer, tmp_path_factory):
+    """A tiny random base checkpoint (the `tiny` preset) with the project's tokenizer, ChatML tokens included:
+    what the fine-tuning stages start from in tests."""
+    import torch
+
+    from binarylm.checkpoint import save_checkpoint
+    from binarylm.config import build_config
+    from binarylm.model import Transformer
+
+    config = build_config({"model": {"preset": "tiny", "vocab_size": small_tokenizer.vocab_size}})
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base")
+    save_checkpoint(path, 0, Transformer(config.model), small_tokenizer, config)
+    return path

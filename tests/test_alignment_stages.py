@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from binarylm.checkpoint import load_checkpoint, load_heads, save_checkpoint
+from binarylm.checkpoint import load_checkpoint, load_heads
 from binarylm.config import build_config
 from binarylm.data.synthetic import make_examples
 from binarylm.errors import BinaryLMError
@@ -15,16 +15,6 @@ from binarylm.train import rlhf
 from binarylm.train.dpo import Preference, dpo, read_preferences, tokenize_pairs
 from binarylm.train.monitor import read_metrics
 from binarylm.train.rlhf import checker_rewards, grpo, load_reward_model, ppo, reward
-
-
-@pytest.fixture(scope="module")
-def base(small_tokenizer, tmp_path_factory):
-    """A tiny random base checkpoint with the project's tokenizer (ChatML special tokens included)."""
-    config = build_config({"model": {"preset": "tiny", "vocab_size": small_tokenizer.vocab_size}})
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base")
-    save_checkpoint(path, 0, Transformer(config.model), small_tokenizer, config)
-    return path
 
 
 @pytest.fixture(scope="module")

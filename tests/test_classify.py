@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from binarylm.checkpoint import HEADS, load_checkpoint, save_checkpoint
+from binarylm.checkpoint import HEADS, load_checkpoint
 from binarylm.config import build_config
 from binarylm.data.synthetic import make_examples, split_of
 from binarylm.errors import BinaryLMError
@@ -25,16 +25,6 @@ from binarylm.train.classify import (
     statement,
 )
 from binarylm.train.monitor import read_metrics
-
-
-@pytest.fixture(scope="module")
-def base(small_tokenizer, tmp_path_factory):
-    """A tiny random base checkpoint with the project's tokenizer."""
-    config = build_config({"model": {"preset": "tiny", "vocab_size": small_tokenizer.vocab_size}})
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base")
-    save_checkpoint(path, 0, Transformer(config.model), small_tokenizer, config)
-    return path
 
 
 @pytest.fixture(autouse=True)

@@ -3,25 +3,14 @@
 import pytest
 import torch
 
-from binarylm.checkpoint import load_checkpoint, save_checkpoint
+from binarylm.checkpoint import load_checkpoint
 from binarylm.cli import main
 from binarylm.config import build_config
 from binarylm.errors import BinaryLMError
-from binarylm.model import Transformer
 from binarylm.model.lora import lora_layers
 from binarylm.train.finetune import ExampleOrder
 from binarylm.train.monitor import read_metrics
 from binarylm.train.sft import sft
-
-
-@pytest.fixture(scope="module")
-def base(small_tokenizer, tmp_path_factory):
-    """A tiny random base checkpoint with the project's tokenizer (ChatML special tokens included)."""
-    config = build_config({"model": {"preset": "tiny", "vocab_size": small_tokenizer.vocab_size}})
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("base")
-    save_checkpoint(path, 0, Transformer(config.model), small_tokenizer, config)
-    return path
 
 
 def sft_config(base, out_dir, steps: int = 6, **finetune):

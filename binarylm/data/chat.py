@@ -21,7 +21,6 @@ the tokens the model learns to produce (assistant replies and their <|im_end|>),
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from binarylm.data.records import json_records
 from binarylm.errors import BinaryLMError
 from binarylm.tokenizer import IM_END, IM_START, Tokenizer
 
@@ -315,7 +315,7 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
     line (JSONL) or item number (JSON list).
     """
     path = Path(path)
-    records = _read_records(path)
+    records = json_records(path, "chat")
     if not records:
         raise BinaryLMError(
             f"{path} holds no conversations; give one JSON record per line (JSONL) or a JSON list of records"
@@ -333,48 +333,6 @@ def read_conversations(path: str | os.PathLike) -> list[list[dict]]:
         _check_conversation(conversation, where)
         conversations.append(conversation)
     return conversations
-
-
-def _read_records(path: Path) -> list[tuple[str, dict]]:
-    """The file's JSON objects, each with where it came from ("data.jsonl, line 3")."""
-    if not path.is_file():
-        raise BinaryLMError(f"{path} is not a file; give the path of a .json or .jsonl chat dataset")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise BinaryLMError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from None
-    records = _read_json_list(path, text) if text.lstrip().startswith("[") else _read_jsonl(path, text)
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise BinaryLMError(f"{where}: expected a JSON object, got {type(record).__name__}; {FORMATS_HELP}")
-    return records
-
-
-def _read_json_list(path: Path, text: str) -> list[tuple[str, object]]:
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise BinaryLMError(
-            f"{path}, line {error.lineno}, column {error.colno}: malformed JSON ({error.msg}); fix the file"
-        ) from None
-    if not isinstance(items, list):
-        raise BinaryLMError(f"{path}: expected a JSON list of records, or one JSON object per line (JSONL)")
-    return [(f"{path}, item {number}", item) for number, item in enumerate(items, start=1)]
-
-
-def _read_jsonl(path: Path, text: str) -> list[tuple[str, object]]:
-    records = []
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path}, line {number}", json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise BinaryLMError(
-                f"{path}, line {number}: malformed JSON ({error.msg} at column {error.colno}); "
-                "each line must hold one JSON object (JSONL), or the whole file one JSON list"
-            ) from None
-    return records
 
 
 def _record_format(record: dict, where: str) -> str:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from torch import nn
 
 from binarylm import checkpoint
 from binarylm.config import RunConfig
+from binarylm.data.records import json_records
 from binarylm.data.synthetic import TaskExample, check, split_of
 from binarylm.errors import BinaryLMError
 from binarylm.model import Transformer
@@ -261,34 +261,10 @@ def read_labelled_texts(path: str | Path, text_field: str = "text", label_field:
     non-text text, a missing or unusable label, and a file without records.
     """
     shape = f"{{\"{text_field}\": ..., \"{label_field}\": ...}}"
-    examples = [_labelled_text(record, where, text_field, label_field) for where, record in _jsonl_objects(path, shape)]
+    examples = [_labelled_text(record, where, text_field, label_field) for where, record in json_records(path, shape)]
     if not examples:
         raise BinaryLMError(f"{path} holds no examples; give one {shape} object per line")
     return examples
-
-
-def _jsonl_objects(path: str | Path, shape: str) -> Iterator[tuple[str, dict]]:
-    """("file, line N", object) for each non-blank line of a JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise BinaryLMError(f"{path} is not a file; give a JSONL file of {shape} lines")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BinaryLMError(f"{path} cannot be read as UTF-8 text ({exc}); give a JSONL file of {shape} lines") \
-            from None
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise BinaryLMError(f"{where}: malformed JSON ({error.msg} at column {error.colno}); each line must "
-                                f"hold one {shape} object") from None
-        if not isinstance(record, dict):
-            raise BinaryLMError(f"{where}: expected a {shape} object, got {type(record).__name__}")
-        yield where, record
 
 
 def _labelled_text(record: dict, where: str, text_field: str, label_field: str) -> LabelledText:

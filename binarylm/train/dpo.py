@@ -22,7 +22,6 @@ over the reference than the rejected one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +29,7 @@ import torch
 
 from binarylm.config import RunConfig
 from binarylm.data.chat import IGNORE_INDEX, TrainingTokens, pad_examples, render_for_training, to_example
+from binarylm.data.records import json_records
 from binarylm.data.synthetic import split_of, to_preference
 from binarylm.errors import BinaryLMError
 from binarylm.model import Transformer
@@ -112,25 +112,7 @@ def preference_splits(config: RunConfig) -> tuple[list[Preference], list[Prefere
 
 def read_preferences(path: str | Path) -> list[Preference]:
     """The {"prompt", "chosen", "rejected"} objects of a JSONL file; a bad line is an error naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise BinaryLMError(f'{path} is not a file; give a JSONL file of {{"prompt", "chosen", "rejected"}} lines')
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise BinaryLMError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from None
-    pairs = []
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
-        if not line.strip():
-            continue
-        where = f"{path}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise BinaryLMError(f"{where}: malformed JSON ({error.msg} at column {error.colno}); each line must "
-                                'hold one {"prompt", "chosen", "rejected"} object') from None
-        pairs.append(_preference(record, where))
-    return pairs
+    return [_preference(record, where) for where, record in json_records(path, '{"prompt", "chosen", "rejected"}')]
 
 
 def _preference(record: object, where: str) -> Preference:
