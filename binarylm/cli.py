@@ -340,10 +340,7 @@ def _add_run_verbs(verbs) -> None:
         "pretrain", help="pretrain a model (settings: --SECTION.KEY VALUE, e.g. --train.lr 3e-4)",
         epilog="Any config field can be set as --model.KEY, --data.KEY or --train.KEY. "
                "Run under `torchrun --nproc-per-node N` for data-parallel training.")
-    train.add_argument("--config", help="a YAML recipe, e.g. configs/demo.yaml")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run in train.out_dir from its latest checkpoint")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(train, "configs/demo.yaml")
     train.set_defaults(run=pretrain, command_parser=train, takes_overrides=True)
 
     tune = verbs.add_parser(
@@ -356,10 +353,7 @@ def _add_run_verbs(verbs) -> None:
                            "dpo: direct preference optimisation; reward: a "
                            "reward model on preference pairs; ppo: RL against a reward model or the task checkers; "
                            "grpo: group-relative policy optimisation with the task checkers")
-    tune.add_argument("--config", help="a YAML recipe, e.g. configs/sft.yaml")
-    tune.add_argument("--resume", action="store_true",
-                      help="continue the run in train.out_dir from its latest checkpoint")
-    tune.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_run_options(tune, "configs/sft.yaml")
     tune.set_defaults(run=finetune, command_parser=tune, takes_overrides=True)
 
     from binarylm.chat import add_chat_parser
@@ -428,6 +422,14 @@ def _add_run_verbs(verbs) -> None:
     inf.add_argument("target", help="a preset name, a YAML recipe, a checkpoint or run directory, or a HF directory")
     inf.add_argument("--json", action="store_true", help="print the figures as JSON")
     inf.set_defaults(run=info, command_parser=inf, takes_overrides=True)
+
+
+def _add_run_options(parser: argparse.ArgumentParser, example_recipe: str) -> None:
+    """--config, --resume and --quiet: the options of every command that trains (settings come as overrides)."""
+    parser.add_argument("--config", help=f"a YAML recipe, e.g. {example_recipe}")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in train.out_dir from its latest checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
