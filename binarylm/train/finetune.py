@@ -187,7 +187,7 @@ def train(tuning: Tuning, order: ExampleOrder, loss: LossFunction, evaluate: Cal
         while tuning.step < settings.max_steps and not _out_of_time(tuning, started):
             value, figures = _step(tuning, order, loss)
             tuning.step += 1
-            monitor.advance(1, value, 0.0)
+            monitor.advance(1, value)
             if tuning.step % settings.log_every == 0 or tuning.step == 1:
                 monitor.log(tuning.step, "train", {"loss": value, "lr": learning_rate(tuning.step - 1, settings),
                                                    **figures})

@@ -39,10 +39,11 @@ class Monitor:
         numbers = {f"{split}/{k}": v for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)}
         self._events.add_scalars(step, numbers)
 
-    def advance(self, steps: int, loss: float, tokens_per_sec: float) -> None:
+    def advance(self, steps: int, loss: float, tokens_per_sec: float | None = None) -> None:
         if self.enabled:
             self._bar.update(steps)
-            self._bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+            speed = {} if tokens_per_sec is None else {"tok_s": f"{tokens_per_sec:,.0f}"}
+            self._bar.set_postfix(loss=f"{loss:.3f}", **speed)
 
     def message(self, text: str) -> None:
         if self.enabled:
