@@ -34,7 +34,8 @@ def answer_by_hand(task: str, prompt: str) -> str:
         return argument.upper()
     if task == "count":
         letter = re.fullmatch(r"Count (\w) in", prompt.split(":")[0]).group(1)
-        return str(argument.count(letter))
+        letters = argument.split()
+        return " ".join(f"{c}{letters[: i + 1].count(letter)}" for i, c in enumerate(letters))
     if task == "sort":
         return " ".join(str(number) for number in sorted(int(word) for word in argument.split()))
     return str(eval(argument, {"__builtins__": {"len": len, "max": max, "min": min, "abs": abs}}))  # our own text

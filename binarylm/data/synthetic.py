@@ -6,7 +6,7 @@ answer, a plausible wrong one (for preference data), and how to judge a predicti
     arithmetic   "What is 17 + 25?"        -> "42"
     reverse      "Reverse: c a t"          -> "t a c"
     upper        "Upper: c a t"            -> "C A T"
-    count        "Count a in: b a n a n a" -> "3"
+    count        "Count a in: b a n a n a" -> "b0 a1 n1 a2 n2 a3"   (a running tally; the count is last)
     sort         "Sort: 5 3 9"             -> "3 5 9"
     python       "Python: 3 * (2 + 4)"     -> "18"
 
@@ -85,12 +85,29 @@ def _upper(rng: random.Random) -> tuple[str, str, str]:
 
 
 def _count(rng: random.Random) -> tuple[str, str, str]:
-    """Count a letter in a word drawn from few letters, so letters repeat; sometimes the letter is absent."""
+    """Count a letter in a word drawn from few letters, so letters repeat; sometimes the letter is absent.
+
+    The answer shows its work as a running tally, each letter with the count so far ("Count a in:
+    b a n a n a" -> "b0 a1 n1 a2 n2 a3"; the last number is the count). A small model asked for the
+    bare number must sum over the word in one step and stays near chance; the tally turns that into
+    one copy and one "add 0 or 1" per letter, which it learns (see benchmarks/RESULTS.md).
+    """
     letters = rng.sample(string.ascii_lowercase, 4)
     word = "".join(rng.choice(letters) for _ in range(rng.randint(4, 8)))
     letter = rng.choice(letters)
-    value = word.count(letter)
-    return f"Count {letter} in: {_spelled(word)}", str(value), _off_by_one(rng, value, lowest=0)
+    tally = _running_tally(word, letter)
+    wrong_total = _off_by_one(rng, word.count(letter), lowest=0)
+    rejected = " ".join([*tally.split()[:-1], word[-1] + wrong_total])  # the right steps, a wrong total
+    return f"Count {letter} in: {_spelled(word)}", tally, rejected
+
+
+def _running_tally(word: str, letter: str) -> str:
+    """'banana', 'a' -> 'b0 a1 n1 a2 n2 a3': each letter followed by how many of `letter` so far."""
+    steps, count = [], 0
+    for character in word:
+        count += character == letter
+        steps.append(f"{character}{count}")
+    return " ".join(steps)
 
 
 def _sort(rng: random.Random) -> tuple[str, str, str]:
