@@ -49,7 +49,7 @@ from binarylm.data.records import json_records
 from binarylm.data.synthetic import TaskExample, check, split_of
 from binarylm.errors import BinaryLMError
 from binarylm.model import Transformer
-from binarylm.tokenizer import PAD, Tokenizer
+from binarylm.tokenizer import Tokenizer
 from binarylm.train import finetune
 from binarylm.train.sft import test_tasks, train_tasks
 
@@ -111,10 +111,10 @@ def classify(config: RunConfig, resume: bool = False, progress: bool = True) -> 
     if resume:
         check_same_classes(tuning.run_dir, data.classes)
         finetune.restore(tuning, order)
-    pad_id = tokenizer.special_tokens.get(PAD, 0)
+    pad_id = finetune.pad_token_id(tokenizer)
 
     def loss(indices: list[int]) -> tuple[torch.Tensor, dict]:
-        ids, lengths = pad_rows([train_rows[i] for i in indices], pad_id)  # (B, T), (B,)
+        ids, lengths = finetune.pad_rows([train_rows[i] for i in indices], pad_id)  # (B, T), (B,)
         targets = torch.tensor([train_labels[i] for i in indices], device=tuning.device)  # (B,)
         logits = class_logits(tuning.model, head, ids.to(tuning.device), lengths.to(tuning.device))  # (B, K)
         value = F.cross_entropy(logits, targets)
@@ -139,15 +139,9 @@ def input_limit(config: RunConfig) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def last_token_states(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """(B, C): each row's hidden state at its last real (non-padding) position; hidden (B, T, C), lengths (B,)."""
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, lengths - 1]
-
-
 def class_logits(model: Transformer, head: ClassHead, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """(B, K) class logits for right-padded ids (B, T) whose rows hold `lengths` (B,) real tokens."""
-    pooled = last_token_states(model.hidden_states(ids), lengths)  # (B, C)
+    pooled = finetune.last_token_states(model.hidden_states(ids), lengths)  # (B, C)
     return head(pooled)  # (B, K)
 
 
@@ -195,15 +189,6 @@ def encode_text(tokenizer: Tokenizer, text: str, longest: int) -> list[int]:
     return tokenizer.encode_ordinary(text)[: longest - len(end)] + end
 
 
-def pad_rows(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists into (ids (B, T), lengths (B,)), T the longest row."""
-    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)  # (B,)
-    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)  # (B, T)
-    for index, row in enumerate(rows):
-        ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return ids, lengths
-
-
 @torch.no_grad()
 def held_out_figures(model: Transformer, head: ClassHead, rows: list[list[int]], labels: list[int],
                      tasks: list[str], batch_size: int, pad_id: int) -> dict[str, float]:
@@ -212,7 +197,7 @@ def held_out_figures(model: Transformer, head: ClassHead, rows: list[list[int]],
         return {}
     predictions, total_loss = [], 0.0
     for start in range(0, len(rows), batch_size):
-        ids, lengths = pad_rows(rows[start: start + batch_size], pad_id)  # (B, T), (B,)
+        ids, lengths = finetune.pad_rows(rows[start: start + batch_size], pad_id)  # (B, T), (B,)
         targets = torch.tensor(labels[start: start + batch_size], device=model.device)  # (B,)
         logits = class_logits(model, head, ids.to(model.device), lengths.to(model.device)).float()  # (B, K)
         total_loss += F.cross_entropy(logits, targets, reduction="sum").item()
@@ -360,12 +345,12 @@ class Classifier:
     @torch.no_grad()
     def logits(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
         """(N, K) class logits, float32, for N texts."""
-        pad_id = self.tokenizer.special_tokens.get(PAD, 0)
+        pad_id = finetune.pad_token_id(self.tokenizer)
         rows = [encode_text(self.tokenizer, text, self.max_length) for text in texts]
         device = self.model.device
         pieces = []
         for start in range(0, len(rows), batch_size):
-            ids, lengths = pad_rows(rows[start: start + batch_size], pad_id)  # (B, T), (B,)
+            ids, lengths = finetune.pad_rows(rows[start: start + batch_size], pad_id)  # (B, T), (B,)
             pieces.append(class_logits(self.model, self.head, ids.to(device), lengths.to(device)).float())
         return torch.cat(pieces) if pieces else torch.empty(0, len(self.classes))
 

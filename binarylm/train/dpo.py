@@ -33,7 +33,7 @@ from binarylm.data.records import json_records
 from binarylm.data.synthetic import split_of, to_preference
 from binarylm.errors import BinaryLMError
 from binarylm.model import Transformer
-from binarylm.tokenizer import PAD, Tokenizer
+from binarylm.tokenizer import Tokenizer
 from binarylm.train import finetune
 from binarylm.train.objectives import dpo_loss, sequence_logprobs
 from binarylm.train.sft import test_tasks, train_tasks
@@ -59,7 +59,7 @@ class TokenizedPair(NamedTuple):
 def dpo(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train finetune.base with DPO on preference pairs until train.max_steps; return the final figures."""
     tuning = finetune.start("dpo", config, resume)
-    pad_id = pad_token_id(tuning.tokenizer)
+    pad_id = finetune.pad_token_id(tuning.tokenizer)
     train_pairs, test_pairs = (tokenize_pairs(pairs, tuning.tokenizer, longest_sequence(config))
                                for pairs in preference_splits(config))
     batch_size, beta = config.train.batch_size, config.finetune.beta
@@ -148,10 +148,6 @@ def _reply_tokens(prompt: str, reply: str, tokenizer: Tokenizer, longest: int, n
         raise BinaryLMError(f"preference pair {number} ({prompt[:40]!r}...): the prompt fills all {longest} tokens "
                             "allowed, leaving no room for the reply; shorten it or raise --finetune.max_length")
     return TrainingTokens(ids, mask)
-
-
-def pad_token_id(tokenizer: Tokenizer) -> int:
-    return tokenizer.special_tokens.get(PAD, 0)
 
 
 # --------------------------------------------------------------------------------------------- log-probabilities

@@ -33,7 +33,7 @@ from binarylm.infer.engine import Engine
 from binarylm.infer.sampling import SamplingParams
 from binarylm.model import Transformer
 from binarylm.model.lora import LoRAConfig, add_lora, describe_trainable, frozen_base, load_adapter
-from binarylm.tokenizer import Tokenizer
+from binarylm.tokenizer import PAD, Tokenizer
 from binarylm.train.distributed import pick_device
 from binarylm.train.monitor import Monitor
 from binarylm.train.optim import build_optimizer, learning_rate
@@ -249,6 +249,30 @@ def _save(tuning: Tuning, order: ExampleOrder, started: float, metrics: dict) ->
     checkpoint.save_checkpoint(tuning.run_dir, tuning.step, tuning.model, tuning.tokenizer, tuning.config,
                                state, metrics, heads=tuning.heads)
     checkpoint.prune_checkpoints(tuning.run_dir, tuning.config.train.keep_checkpoints)
+
+
+# --------------------------------------------------------------- batches of token rows
+
+
+def pad_token_id(tokenizer: Tokenizer) -> int:
+    """The id that fills padded positions: <|pad|> where the tokenizer has it, else 0 (never attended to)."""
+    return tokenizer.special_tokens.get(PAD, 0)
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into (ids (B, T), lengths (B,)), T the longest row."""
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)  # (B,)
+    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)  # (B, T)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return ids.to(device), lengths.to(device)
+
+
+def last_token_states(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """(B, C): each row's hidden state at its last real (non-padding) position; hidden (B, T, C), lengths (B,)."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, lengths - 1]
 
 
 # --------------------------------------------------------------- task accuracy

@@ -51,7 +51,7 @@ from binarylm.model import Transformer
 from binarylm.model.lora import lora_disabled
 from binarylm.tokenizer import ENDOFTEXT, IM_END, IM_START, Tokenizer
 from binarylm.train import finetune
-from binarylm.train.dpo import TokenizedPair, longest_sequence, pad_token_id, preference_splits, tokenize_pairs
+from binarylm.train.dpo import TokenizedPair, longest_sequence, preference_splits, tokenize_pairs
 from binarylm.train.objectives import (
     bradley_terry_loss,
     generalized_advantage_estimation,
@@ -85,18 +85,7 @@ def scalar_head(d_model: int) -> nn.Linear:
 def last_token_scores(model: Transformer, head: nn.Module, ids: torch.Tensor, lengths: torch.Tensor
                       ) -> torch.Tensor:
     """(B,): the head's score of each row's hidden state at its last real token. ids (B, T) right-padded."""
-    hidden = model.hidden_states(ids)  # (B, T, C)
-    rows = torch.arange(ids.shape[0], device=ids.device)
-    return head(hidden[rows, lengths - 1]).squeeze(-1)  # (B,)
-
-
-def pad_sequences(sequences: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (B, T) and the length of each row (B,)."""
-    lengths = torch.tensor([len(sequence) for sequence in sequences], device=device)
-    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-    return ids.to(device), lengths
+    return head(finetune.last_token_states(model.hidden_states(ids), lengths)).squeeze(-1)  # (B,)
 
 
 def order_with_heads(tuning: finetune.Tuning, count: int, heads: dict[str, nn.Module]) -> finetune.ExampleOrder:
@@ -119,7 +108,7 @@ class RewardModel:
     @torch.no_grad()
     def score(self, sequences: list[list[int]]) -> torch.Tensor:
         """(N,) scores of whole chats (prompt, reply and its end-of-turn token), higher is better."""
-        ids, lengths = pad_sequences(sequences, pad_token_id(self.tokenizer), self.model.device)
+        ids, lengths = finetune.pad_rows(sequences, finetune.pad_token_id(self.tokenizer), self.model.device)
         return last_token_scores(self.model, self.head, ids, lengths)
 
 
@@ -139,7 +128,7 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> R
 def reward(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train a reward model (finetune.base plus a scalar head) on preference pairs; return the final figures."""
     tuning = finetune.start("reward", config, resume)
-    pad_id = pad_token_id(tuning.tokenizer)
+    pad_id = finetune.pad_token_id(tuning.tokenizer)
     train_pairs, test_pairs = (tokenize_pairs(pairs, tuning.tokenizer, longest_sequence(config))
                                for pairs in preference_splits(config))
     head = scalar_head(config.model.d_model)
@@ -168,7 +157,7 @@ def pair_scores(model: Transformer, head: nn.Module, pairs: list[TokenizedPair],
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen (B,), rejected (B,)) scores of each pair's replies, in one forward."""
     sequences = [pair.chosen.ids for pair in pairs] + [pair.rejected.ids for pair in pairs]
-    ids, lengths = pad_sequences(sequences, pad_id, model.device)  # (2B, T), (2B,)
+    ids, lengths = finetune.pad_rows(sequences, pad_id, model.device)  # (2B, T), (2B,)
     scores = last_token_scores(model, head, ids, lengths)  # (2B,)
     return scores[: len(pairs)], scores[len(pairs):]
 
@@ -230,7 +219,7 @@ def rollout(model: Transformer, tokenizer: Tokenizer, prompts: list[str], seeds:
             sequences.append(ids + sample.token_ids + ([end] if stopped else []))
             prompt_lengths.append(len(ids))
             answers.append(tokenizer.decode(sample.token_ids).strip())
-    return _lay_out(sequences, prompt_lengths, answers, pad_token_id(tokenizer), model.device)
+    return _lay_out(sequences, prompt_lengths, answers, finetune.pad_token_id(tokenizer), model.device)
 
 
 def _lay_out(sequences: list[list[int]], prompt_lengths: list[int], answers: list[str], pad_id: int,

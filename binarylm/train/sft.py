@@ -14,7 +14,6 @@ from binarylm.config import RunConfig
 from binarylm.data.chat import pad_examples, read_conversations, render_for_training, to_example
 from binarylm.data.synthetic import TaskExample, make_examples, to_conversation
 from binarylm.errors import BinaryLMError
-from binarylm.tokenizer import PAD
 from binarylm.train import finetune
 
 
@@ -25,7 +24,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> dict:
     order = finetune.ExampleOrder(len(examples), config.train.batch_size, config.train.seed)
     if resume:
         finetune.restore(tuning, order)
-    pad_id = tuning.tokenizer.special_tokens.get(PAD, 0)
+    pad_id = finetune.pad_token_id(tuning.tokenizer)
     held_out = test_tasks(config)
 
     def loss(indices: list[int]):
