@@ -150,10 +150,23 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    from binarylm.eval.run import evaluate_checkpoint
+    from binarylm.eval.run import EvalPlan, run_plan
 
-    figures = evaluate_checkpoint(args.checkpoint, max_tokens=args.max_tokens, device=args.device)
-    print(json.dumps(figures, indent=2))
+    benchmarks = dict(_name_and_path(spec) for spec in args.task or ())
+    builtin = [task for task in (args.builtin or "").split(",") if task]
+    plan = EvalPlan(texts=args.text or [], benchmarks=benchmarks, custom=args.custom or [], builtin=builtin,
+                    few_shot=args.few_shot, limit=args.limit, seed=args.seed, stride=args.stride,
+                    max_tokens=args.max_tokens, builtin_examples=args.builtin_examples)
+    plan.held_out = args.held_out or not (plan.texts or plan.benchmarks or plan.custom or plan.builtin)
+    results = run_plan(args.checkpoint, plan, device=args.device, show=lambda text: print(text, file=sys.stderr))
+    print(json.dumps(results, indent=2))
+
+
+def _name_and_path(spec: str) -> tuple[str, str]:
+    name, separator, path = spec.partition("=")
+    if not separator or not name or not path:
+        raise BinaryLMError(f"--task {spec!r}: write NAME=PATH, e.g. --task hellaswag=data/hellaswag_val.jsonl")
+    return name, path
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -374,9 +387,23 @@ def _add_run_verbs(verbs) -> None:
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(run=generate, command_parser=gen)
 
-    ev = verbs.add_parser("eval", help="held-out loss, perplexity and bits per byte, beside xz -9e")
+    ev = verbs.add_parser("eval", help="bits per byte beside xz, benchmarks, custom and built-in tasks",
+                          epilog="With no task named, the run's held-out text is evaluated. Results go to "
+                                 "CKPT/eval.json and CKPT/eval/NAME.json, every example's output to "
+                                 "CKPT/eval/NAME.samples.jsonl; `binarylm report RUN` turns them into a report card.")
     ev.add_argument("--checkpoint", "-c", required=True, help="a run directory or one of its ckpt-* folders")
-    ev.add_argument("--max-tokens", type=int, default=0, help="evaluate at most this many tokens (0: all)")
+    ev.add_argument("--held-out", action="store_true", help="also evaluate the run's held-out text")
+    ev.add_argument("--max-tokens", type=int, default=0, help="held-out text: at most this many tokens (0: all)")
+    ev.add_argument("--text", action="append", metavar="FILE", help="loss and bits per byte of a text file")
+    ev.add_argument("--stride", type=int, help="--text: sliding-window step in tokens (default: half the context)")
+    ev.add_argument("--task", action="append", metavar="NAME=PATH",
+                    help="a benchmark from a local file: hellaswag, arc, mmlu, piqa, winogrande or gsm8k")
+    ev.add_argument("--custom", action="append", metavar="TASK.yaml", help="a task described in YAML")
+    ev.add_argument("--builtin", metavar="TASKS", help="built-in tasks, e.g. arithmetic,reverse,upper,count")
+    ev.add_argument("--builtin-examples", type=int, default=50, help="held-out prompts per built-in task")
+    ev.add_argument("--few-shot", type=int, help="solved examples before each question (default: the task's, or 0)")
+    ev.add_argument("--limit", type=int, default=0, help="only the first N examples of each task (0: all)")
+    ev.add_argument("--seed", type=int, default=0, help="which few-shot examples are drawn")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(run=evaluate, command_parser=ev)
 

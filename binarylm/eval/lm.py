@@ -1,5 +1,9 @@
 """Language-modelling metrics: loss, perplexity and bits per byte, with the xz baseline.
 
+Two ways in: `bits_per_byte` over batches of token windows (a run's held-out token shards),
+and `text_metrics` over any text, read with a sliding window (eval/scoring.py) so that every
+token after the first window keeps most of a context's worth of history.
+
 Loss per token depends on the tokenizer (a bigger vocabulary packs more text
 into each token), so models with different tokenizers cannot be compared by
 it. Bits per byte can: the total information the model needs to encode the
@@ -18,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from binarylm.errors import BinaryLMError
+from binarylm.eval.scoring import rolling_logprobs
 from binarylm.tokenizer import Tokenizer
 
 
@@ -53,6 +59,30 @@ def bits_per_byte(model: torch.nn.Module, tokenizer: Tokenizer, batches: Iterabl
     if keep_text:
         result["text"] = _ordinary_bytes(tokenizer, targets_seen)
     return result
+
+
+def text_metrics(model: torch.nn.Module, tokenizer: Tokenizer, text: str, stride: int | None = None) -> dict:
+    """Loss, perplexity and bits per byte of `text` (sliding windows of the model's context, `stride` apart),
+    beside what xz -9e needs for the same bytes. The text is read as one document after an end-of-text token."""
+    ids = tokenizer.encode_ordinary(text)
+    if len(ids) < 2:
+        raise BinaryLMError("the text to evaluate is empty or a single token; give a file with some text in it")
+    if tokenizer.eot_id is None:  # nothing to start from: the first token is context, and its bytes do not count
+        prefix, scored = ids[0], ids[1:]
+    else:
+        prefix, scored = tokenizer.eot_id, ids
+    n_bytes = len(tokenizer.decode_bytes(scored))
+    logprobs = rolling_logprobs(model, scored, prefix, stride)  # (N,)
+    nats = -logprobs.double().sum().item()
+    loss = nats / len(logprobs)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50.0)),
+        "bits_per_byte": nats / math.log(2) / n_bytes,
+        "xz_bits_per_byte": xz_bits_per_byte(text.encode("utf-8")),
+        "tokens": len(scored),
+        "bytes": n_bytes,
+    }
 
 
 def _byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
