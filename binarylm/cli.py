@@ -28,6 +28,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from binarylm.errors import BinaryLMError
 
@@ -167,6 +168,19 @@ def _name_and_path(spec: str) -> tuple[str, str]:
     if not separator or not name or not path:
         raise BinaryLMError(f"--task {spec!r}: write NAME=PATH, e.g. --task hellaswag=data/hellaswag_val.jsonl")
     return name, path
+
+
+def report(args: argparse.Namespace) -> None:
+    from binarylm.eval.report import report_card
+
+    markdown, html = report_card([Path(run) for run in args.runs], Path(args.out) if args.out else None)
+    print(f"report card: {markdown} and {html}")
+
+
+def scaling(args: argparse.Namespace) -> None:
+    from binarylm.eval.scaling import scaling_report
+
+    print(scaling_report([Path(run) for run in args.runs], Path(args.out), budgets=args.budget or (1e15, 1e17, 1e19)))
 
 
 def convert(args: argparse.Namespace) -> None:
@@ -406,6 +420,20 @@ def _add_run_verbs(verbs) -> None:
     ev.add_argument("--seed", type=int, default=0, help="which few-shot examples are drawn")
     ev.add_argument("--device", default="cpu")
     ev.set_defaults(run=evaluate, command_parser=ev)
+
+    rep = verbs.add_parser("report", help="a report card (markdown + HTML with plots) for runs, side by side")
+    rep.add_argument("runs", nargs="+", help="run directories (several: one column each)")
+    rep.add_argument("--out", help="the markdown file to write (default: RUN/card.md, or comparison.md beside "
+                                   "the runs); the HTML goes next to it")
+    rep.set_defaults(run=report, command_parser=rep)
+
+    sca = verbs.add_parser("scaling", help="fit loss against parameters and tokens over runs of several sizes",
+                           epilog="Fits L(N, D) = E + A / N^alpha + B / D^beta and gives the compute-optimal "
+                                  "split of each budget C = 6 N D.")
+    sca.add_argument("runs", nargs="+", help="run directories of different sizes and token counts")
+    sca.add_argument("--out", required=True, help="the folder for scaling.md, scaling.html and scaling.png")
+    sca.add_argument("--budget", type=float, action="append", help="a compute budget in FLOPs (repeatable)")
+    sca.set_defaults(run=scaling, command_parser=sca)
 
     conv = verbs.add_parser("convert", help="convert a model between BinaryLM, Hugging Face and GGUF",
                             epilog="The source format is recognised from the path: a BinaryLM checkpoint or run "

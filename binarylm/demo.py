@@ -102,7 +102,7 @@ def _clear_previous_run(run_dir: Path) -> None:
     """Start the training afresh but keep the prepared data, which is reused when unchanged."""
     for path in checkpoint.list_checkpoints(run_dir):
         shutil.rmtree(path)
-    for name in ("latest", "metrics.jsonl", "report.md", "loss.png"):
+    for name in ("latest", "metrics.jsonl", "report.md", "report.json", "loss.png"):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
 

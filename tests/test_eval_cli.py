@@ -43,7 +43,7 @@ def test_eval_runs_a_benchmark_a_custom_task_and_a_text_and_writes_figures_besid
     assert piqa["metrics"]["acc"] == sum(sample["correct"] for sample in samples) / len(samples)
 
     assert json.loads((written / "capitals.json").read_text())["few_shot"] == 1  # the YAML's default
-    notes = json.loads((written / "text-notes.json").read_text())
+    notes = json.loads((written / "text-notes.json").read_text())["metrics"]
     assert notes["bytes"] == len(text.read_bytes()) and notes["bits_per_byte"] > 0
     assert json.loads((written / "builtin.json").read_text())["metrics"]["n"] == 2
 

@@ -14,7 +14,7 @@ import pytest
 
 from binarylm.errors import BinaryLMError
 from binarylm.eval.custom import load_custom_task
-from binarylm.eval.formats import BENCHMARKS, read_benchmark, read_rows
+from binarylm.eval.formats import BENCHMARKS, MMLU_HEADER, read_benchmark, read_rows
 from binarylm.eval.items import ChoiceItem, GenerationItem
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
@@ -84,12 +84,12 @@ def test_mmlu_letters_the_choices_under_the_subject_header():
     arithmetic, biology = fixture_items("mmlu")
     body = "What is 7 times 6?\nA. 36\nB. 42\nC. 48\nD. 56\nAnswer:"
     header = "The following are multiple choice questions (with answers) about elementary mathematics.\n\n"
-    assert contexts(arithmetic) == [header + body] * 4
+    assert contexts(arithmetic) == [body] * 4 and arithmetic.preamble == header  # said once, before any examples
     assert continuations(arithmetic) == [" A", " B", " C", " D"]
     assert arithmetic.gold == 1
     assert arithmetic.few_shot_text == body + " B"  # a solved example goes without the header
+    assert biology.preamble == MMLU_HEADER.format(subject="high school biology")
     assert contexts(biology)[0] == (
-        "The following are multiple choice questions (with answers) about high school biology.\n\n"
         "Which part of a plant cell carries out photosynthesis?\n"  # the question's trailing space is trimmed
         "A. the nucleus\nB. the cell wall\nC. the chloroplast\nD. the vacuole\nAnswer:"
     )

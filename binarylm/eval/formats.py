@@ -47,6 +47,7 @@ For data sets of your own, describe the task in a small YAML file instead (eval/
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -220,9 +221,9 @@ def mmlu_item(source: str, record: dict) -> ChoiceItem:
     lines = [question.strip()] + [f"{letter}. {choice}" for letter, choice in zip(letters, choices, strict=True)]
     body = "\n".join(lines) + "\nAnswer:"
     header = MMLU_HEADER.format(subject=subject.replace("_", " ")) if subject else ""
-    # As a solved example the question goes without the header: a few-shot prompt states the subject once.
-    return _shared_context(source, header + body, [" " + letter for letter in letters], gold,
-                           few_shot_text=f"{body} {letters[gold]}")
+    # The header is a preamble: a few-shot prompt states the subject once, before its solved examples.
+    item = _shared_context(source, body, [" " + letter for letter in letters], gold)
+    return dataclasses.replace(item, preamble=header)
 
 
 def piqa_item(source: str, record: dict) -> ChoiceItem:

@@ -28,6 +28,7 @@ class ChoiceItem:
     options: tuple[tuple[str, str], ...]
     gold: int
     few_shot_text: str = ""  # this item written as a solved example, for other items' few-shot prompts
+    preamble: str = ""  # said once before any solved examples and the question (MMLU's "about {subject}" line)
 
     def __post_init__(self) -> None:
         if len(self.options) < 2 or not 0 <= self.gold < len(self.options):

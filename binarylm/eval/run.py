@@ -60,7 +60,8 @@ def run_plan(path: str | Path, plan: EvalPlan, device: str = "cpu", show=print) 
     if plan.held_out:
         results["held_out"] = evaluate_checkpoint(saved.path, plan.max_tokens, device, saved=saved)
     for text_path in plan.texts:
-        figures = {**text_metrics(model, tokenizer, _read_text(text_path), plan.stride), "data": str(text_path)}
+        metrics = text_metrics(model, tokenizer, _read_text(text_path), plan.stride)
+        figures = {"metrics": metrics, "data": str(text_path)}
         results[f"text:{Path(text_path).name}"] = _write_task(saved.path, f"text-{Path(text_path).stem}", figures)
     for name, result, extra in _task_results(model, tokenizer, plan):
         figures = {**extra, "metrics": result.metrics, "chance": result.metrics.get("chance")}

@@ -45,9 +45,10 @@ def split_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[l
     continuation = context[len(stripped):] + continuation
     context_ids = tokenizer.encode_ordinary(stripped)
     whole = tokenizer.encode_ordinary(stripped + continuation)
-    if whole[: len(context_ids)] != context_ids:  # a merge across the boundary: fall back to separate encodings
-        return context_ids, tokenizer.encode_ordinary(continuation)
-    return context_ids, whole[len(context_ids):]
+    # When a token spans the boundary ("):\n"), the whole text's tokens past the context's count are scored, as
+    # lm-evaluation-harness does, so that our figures and the harness's (direct or through the server) agree.
+    continuation_ids = whole[len(context_ids):]
+    return context_ids, continuation_ids or tokenizer.encode_ordinary(continuation)  # all merged in: on its own
 
 
 def score_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
@@ -85,11 +86,12 @@ def rolling_logprobs(model: torch.nn.Module, ids: Sequence[int], prefix_id: int,
                      batch_size: int = SCORE_BATCH) -> torch.Tensor:
     """(N,) log-prob of every token of `ids`, each given as much of the text before it as a sliding window holds.
 
-    The text is read as `prefix_id` followed by `ids`. Windows of the model's context length
-    start every `stride` tokens (default: half the context); each window scores only the tokens
-    the previous one did not, so every token is scored once, with at least context - stride
-    tokens of history once the text is longer than a window. stride = context gives plain
-    non-overlapping windows: faster, and a little pessimistic.
+    The text is read as `prefix_id` followed by `ids`. The first window reads a full context;
+    after it, each window ends `stride` tokens (default: half the context) further on and reads
+    the context's worth of tokens before its end, scoring only the tokens the previous window did
+    not. Every token is scored once, with at least context - stride tokens of history once the
+    text is longer than a window. stride = context gives plain non-overlapping windows: faster,
+    and a little pessimistic.
     """
     window = model.config.context_length
     stride = stride or max(window // 2, 1)

@@ -100,9 +100,9 @@ def draw_shots(items: Sequence[Item], few_shot: int, pool: Sequence[Item] | None
     return shots
 
 
-def with_shots(shots: Sequence[Item], text: str) -> str:
-    """The solved examples, then `text`, each separated from the next by a blank line."""
-    return SHOT_SEPARATOR.join([*(shot.few_shot_text for shot in shots), text])
+def with_shots(shots: Sequence[Item], text: str, preamble: str = "") -> str:
+    """The preamble, the solved examples, then `text`, the examples each followed by a blank line."""
+    return preamble + SHOT_SEPARATOR.join([*(shot.few_shot_text for shot in shots), text])
 
 
 # ------------------------------------------------------------------------------------------ multiple choice
@@ -121,7 +121,7 @@ def evaluate_choices(model: torch.nn.Module, tokenizer: Tokenizer, items: list[C
     """
     _check_items(items, name)
     shots = draw_shots(items, few_shot, pool, seed)
-    pairs = [(with_shots(item_shots, context), continuation)
+    pairs = [(with_shots(item_shots, context, item.preamble), continuation)
              for item, item_shots in zip(items, shots) for context, continuation in item.options]
     scores = iter(score_pairs(model.eval(), tokenizer, pairs, batch_size))  # all options at once: full batches
     records = [_choice_record(item, item_shots, [next(scores).logprob for _ in item.options])
