@@ -23,7 +23,7 @@ from binarylm import checkpoint
 from binarylm.config import load_config
 from binarylm.data.prepare import prepare_corpus
 from binarylm.errors import BinaryLMError
-from binarylm.eval.report import write_report
+from binarylm.eval.report import report_card, write_report
 from binarylm.eval.run import evaluate_held_out
 from binarylm.infer.generate import GenerationConfig, generate
 from binarylm.model import Transformer
@@ -71,7 +71,9 @@ def run_demo(minutes: float = 10.0, out_dir: str = "runs/demo", progress: bool =
     samples = _samples(saved)
     post_training = _post_train(saved.path, run_dir, post_minutes, progress) if post_minutes > 0 else None
     facts = _facts(saved, metrics, train_shards, started)
-    return write_report(run_dir, "BinaryLM demo run", facts, evaluation, samples, post_training)
+    report = write_report(run_dir, "BinaryLM demo run", facts, evaluation, samples, post_training)
+    report_card([run_dir])  # the same figures as a card with plots, markdown and HTML (binarylm report)
+    return report
 
 
 def _post_train(base: Path, run_dir: Path, minutes: float, progress: bool) -> list[dict]:
@@ -102,7 +104,8 @@ def _clear_previous_run(run_dir: Path) -> None:
     """Start the training afresh but keep the prepared data, which is reused when unchanged."""
     for path in checkpoint.list_checkpoints(run_dir):
         shutil.rmtree(path)
-    for name in ("latest", "metrics.jsonl", "report.md", "report.json", "loss.png"):
+    for name in ("latest", "metrics.jsonl", "report.md", "report.json", "loss.png", "card.md", "card.html",
+                 "card-loss.png", "card-lr.png"):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
 
