@@ -180,7 +180,7 @@ class FinetuneConfig:
     test_examples: int = 50  # per built-in task, held out, scored by generation
     train_on: str = "assistant"  # which tokens SFT learns: assistant | all | last (the last assistant turn)
     max_length: int = 0  # longest training example in tokens; 0 means the model's context
-    max_new_tokens: int = 24  # answer length when scoring a task by generation
+    max_new_tokens: int = 32  # answer length when scoring a task by generation (the longest working is 25)
     lora_rank: int = 0  # 0 = full fine-tuning; > 0 = LoRA adapters of this rank on a frozen base
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0

@@ -26,7 +26,8 @@ def answer_by_hand(task: str, prompt: str) -> str:
     """The answer recomputed from the prompt text alone, independently of the generators."""
     if task == "arithmetic":
         left, operator, right = re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", prompt).groups()
-        return str({"+": int.__add__, "-": int.__sub__, "*": int.__mul__}[operator](int(left), int(right)))
+        value = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}[operator](int(left), int(right))
+        return f"{column_working(int(left), operator, int(right))}, {value}"
     argument = prompt.split(": ", 1)[1]
     if task == "reverse":
         return argument[::-1]
@@ -39,6 +40,31 @@ def answer_by_hand(task: str, prompt: str) -> str:
     if task == "sort":
         return " ".join(str(number) for number in sorted(int(word) for word in argument.split()))
     return str(eval(argument, {"__builtins__": {"len": len, "max": max, "min": min, "abs": abs}}))  # our own text
+
+
+def column_working(left: int, operator: str, right: int) -> str:
+    """Units column first (a borrow takes the bottom digit from ten and adds the top one back), then tens with
+    the carry or borrow; products smaller factor first."""
+    top, bottom = [left % 10, left // 10], [right % 10, right // 10]
+    if operator == "*":
+        return f"{sorted([left, right])[0]}*{sorted([left, right])[1]}={left * right}"
+    if operator == "+":
+        carry = (top[0] + bottom[0]) // 10
+        return f"{top[0]}+{bottom[0]}={top[0] + bottom[0]}, {top[1]}+{bottom[1]}+{carry}={top[1] + bottom[1] + carry}"
+    if top[0] >= bottom[0]:
+        return f"{top[0]}-{bottom[0]}={top[0] - bottom[0]}, {top[1]}-{bottom[1]}-0={top[1] - bottom[1]}"
+    rest = 10 - bottom[0]
+    return f"10-{bottom[0]}={rest}, {rest}+{top[0]}={rest + top[0]}, {top[1]}-{bottom[1]}-1={top[1] - bottom[1] - 1}"
+
+
+def test_every_step_of_the_arithmetic_working_is_a_true_one_digit_fact():
+    examples = make_examples("arithmetic", 300, split="train", seed=5)
+    for example in examples:
+        *steps, result = example.answer.split(", ")
+        for step in steps:
+            expression, value = step.split("=")
+            assert eval(expression) == int(value) and all(int(n) <= 10 for n in re.findall(r"\d+", expression))
+        assert int(result) == eval(example.prompt[len("What is "):-1])
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -3,7 +3,7 @@
 Each task family draws short prompts from a seeded generator and knows the one right
 answer, a plausible wrong one (for preference data), and how to judge a prediction:
 
-    arithmetic   "What is 17 + 25?"        -> "42"
+    arithmetic   "What is 17 + 15?"        -> "7+5=12, 1+1+1=3, 32"   (the working, then the result)
     reverse      "Reverse: c a t"          -> "t a c"
     upper        "Upper: c a t"            -> "C A T"
     count        "Count a in: b a n a n a" -> "b0 a1 n1 a2 n2 a3"   (a running tally; the count is last)
@@ -56,18 +56,49 @@ class TaskExample:
 
 
 def _arithmetic(rng: random.Random) -> tuple[str, str, str]:
-    """Addition and subtraction of numbers up to 20 (never negative), multiplication up to 9 * 9: small enough
-    tables that a model of a few million parameters learns the rule, not a list of answers."""
+    """Addition and subtraction of numbers up to 20 (never negative), multiplication up to 9 * 9, each answered
+    with its working and then the result:
+
+        "What is 17 + 15?" -> "7+5=12, 1+1+1=3, 32"          units, then tens with the carry
+        "What is 16 - 8?"  -> "10-8=2, 2+6=8, 1-0-1=0, 8"    a borrow: take 8 from ten, add the 6 back
+        "What is 13 - 2?"  -> "3-2=1, 1-0-0=1, 11"
+        "What is 7 * 4?"   -> "4*7=28, 28"                   the smaller factor first
+
+    Every step is a fact from a one-digit table that the training prompts cover many times over, so a
+    held-out question is new only as a combination of known steps; products are written smaller factor
+    first so that 4 * 7 and 7 * 4 share one fact. Asked for the bare number instead, a small model must
+    learn each pair as its own fact, and misses unseen pairs by one (see benchmarks/RESULTS.md).
+    """
     operator = rng.choice("+-*")
     if operator == "*":
         left, right = rng.randint(0, 9), rng.randint(0, 9)
         value = left * right
+        working = f"{min(left, right)}*{max(left, right)}={value}"
+        rejected = _off_by_one(rng, value, lowest=0)
     else:
         left, right = rng.randint(0, 20), rng.randint(0, 20)
         if operator == "-":
             left, right = max(left, right), min(left, right)
         value = left + right if operator == "+" else left - right
-    return f"What is {left} {operator} {right}?", str(value), _off_by_one(rng, value)
+        working = _columns(left, operator, right)
+        rejected = _off_by_one(rng, value)
+    return f"What is {left} {operator} {right}?", f"{working}, {value}", f"{working}, {rejected}"
+
+
+def _columns(left: int, operator: str, right: int) -> str:
+    """The column working of left + right or left - right (see _arithmetic)."""
+    (left_tens, left_units), (right_tens, right_units) = divmod(left, 10), divmod(right, 10)
+    if operator == "+":
+        carry = (left_units + right_units) // 10
+        units = f"{left_units}+{right_units}={left_units + right_units}"
+        return f"{units}, {left_tens}+{right_tens}+{carry}={left_tens + right_tens + carry}"
+    borrow = int(left_units < right_units)
+    if borrow:
+        from_ten = 10 - right_units
+        units = f"10-{right_units}={from_ten}, {from_ten}+{left_units}={from_ten + left_units}"
+    else:
+        units = f"{left_units}-{right_units}={left_units - right_units}"
+    return f"{units}, {left_tens}-{right_tens}-{borrow}={left_tens - right_tens - borrow}"
 
 
 def _reverse(rng: random.Random) -> tuple[str, str, str]:

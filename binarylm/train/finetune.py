@@ -279,7 +279,7 @@ def last_token_states(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tens
 
 
 def task_accuracy(model: Transformer, tokenizer: Tokenizer, examples: list[TaskExample],
-                  max_new_tokens: int = 24) -> dict[str, float]:
+                  max_new_tokens: int = 32) -> dict[str, float]:
     """Exact-match accuracy of greedy answers to the built-in tasks, per task and over all of them."""
     answers = generate_answers(model, tokenizer, [example.prompt for example in examples], max_new_tokens)
     right: dict[str, list[bool]] = {}
