@@ -10,6 +10,7 @@
     binarylm info llama-1b                             (a preset, a YAML recipe, a checkpoint or HF directory)
     binarylm quantize -c runs/demo -o runs/demo-int8 --scheme int8   (every loader reads the result)
     binarylm serve -c runs/demo --port 8000            (OpenAI-compatible /v1/completions)
+    binarylm explore -c runs/demo                      (the model explorer in the browser)
     binarylm tokenizer train [INPUT ...] --vocab-size 8192 --output tokenizer.json
     binarylm tokenizer encode --tokenizer tokenizer.json "some text"
     binarylm tokenizer decode --tokenizer tokenizer.json 1 2 3
@@ -196,6 +197,7 @@ def serve(args: argparse.Namespace) -> None:
     from binarylm.checkpoint import load_checkpoint, resolve_checkpoint
     from binarylm.infer.engine import Engine
     from binarylm.serve.app import create_app
+    from binarylm.serve.explorer import ExplorerSettings
     from binarylm.serve.loading import LoadingApp
     from binarylm.serve.runner import EngineRunner
 
@@ -209,7 +211,9 @@ def serve(args: argparse.Namespace) -> None:
         runners.append(EngineRunner(Engine(saved.model, saved.tokenizer, max_batch=args.max_batch)).start())
         name = args.model_name or saved.path.parent.name or saved.path.name or "binarylm"
         print(f"serving {saved.path} as {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-        return create_app(runners[0], saved.tokenizer, name, settings)
+        print(f"model explorer: http://{args.host}:{args.port}/explore", file=sys.stderr)
+        explorer = ExplorerSettings(checkpoint=saved.path, max_prompt_tokens=args.explore_max_tokens)
+        return create_app(runners[0], saved.tokenizer, name, settings, explorer)
 
     print(f"loading {args.checkpoint} (GET /health answers 503 until it is ready)", file=sys.stderr)
     try:  # on SIGTERM / Ctrl-C uvicorn stops accepting and lets in-flight streams finish for up to 30 s
@@ -218,6 +222,36 @@ def serve(args: argparse.Namespace) -> None:
     finally:
         for runner in runners:
             runner.stop()
+
+
+def explore(args: argparse.Namespace) -> None:
+    """`binarylm serve` on this machine, and the explorer page opened in the browser once the model is loaded."""
+    serve_args = build_parser().parse_args(["serve", "--checkpoint", args.checkpoint, "--port", str(args.port),
+                                            "--device", args.device,
+                                            "--explore-max-tokens", str(args.explore_max_tokens)])
+    if not args.no_browser:
+        import threading
+
+        url = f"http://127.0.0.1:{args.port}"
+        threading.Thread(target=_open_when_ready, args=(url,), name="binarylm-browser", daemon=True).start()
+    serve(serve_args)
+
+
+def _open_when_ready(url: str, wait_s: float = 600.0) -> None:
+    """Open `url`/explore in the browser as soon as `url`/health answers 200 (the model is loaded)."""
+    import urllib.request
+    import webbrowser
+
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+                if reply.status == 200:
+                    webbrowser.open(f"{url}/explore")
+                    return
+        except OSError:  # not listening yet, or 503 while loading
+            pass
+        time.sleep(0.25)
 
 
 def _server_settings(args: argparse.Namespace):
@@ -460,7 +494,20 @@ def _add_run_verbs(verbs) -> None:
     srv.add_argument("--cors-origin", action="append", help="allow browser calls from this origin (repeatable)")
     srv.add_argument("--protect-metrics", action="store_true", help="require an API key for /metrics too "
                                                                       "(/health always stays public)")
+    srv.add_argument("--explore-max-tokens", type=int, default=256,
+                     help="the longest prompt the explorer takes (capped by the context)")
     srv.set_defaults(run=serve, command_parser=srv)
+
+    exp = verbs.add_parser("explore", help="look inside a model in the browser (serves it on this machine)",
+                           epilog="Starts `binarylm serve` on 127.0.0.1 and opens http://127.0.0.1:PORT/explore: "
+                                  "tokens, attention, logit lens, activations, sampling, embeddings, checkpoints.")
+    exp.add_argument("--checkpoint", "-c", required=True, help="a run directory or one of its ckpt-* folders")
+    exp.add_argument("--port", type=int, default=8000)
+    exp.add_argument("--device", default="cpu")
+    exp.add_argument("--explore-max-tokens", type=int, default=256,
+                     help="the longest prompt the explorer takes (capped by the context)")
+    exp.add_argument("--no-browser", action="store_true", help="only print the address; open no browser")
+    exp.set_defaults(run=explore, command_parser=exp)
 
     quant = verbs.add_parser("quantize", help="write an int8 or int4 weight-only quantized checkpoint")
     quant.add_argument("--checkpoint", "-c", required=True, help="a checkpoint, run, Hugging Face dir or .gguf")

@@ -8,6 +8,7 @@
     GET  /tokenizer_info      vocabulary size and special tokens
     GET  /health              200 once the model is loaded
     GET  /metrics             Prometheus text: latencies, queue, tokens, outcomes (binarylm_*)
+    POST /v1/internals, GET /v1/explore/*, GET /explore   the model explorer (serve/explorer.py)
 
 Every response carries an `x-request-id`, and each request is logged as one JSON line on the
 `binarylm.access` logger (serve/observability.py).
@@ -25,6 +26,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,6 +43,9 @@ from binarylm.serve.runner import EngineRunner
 from binarylm.serve.security import ServerSettings, TokenBuckets, authorized_key
 from binarylm.tokenizer import ENDOFTEXT, PAD, Tokenizer
 
+if TYPE_CHECKING:
+    from binarylm.serve.explorer import ExplorerSettings
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -55,8 +60,9 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
 
 
 def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str,
-               settings: ServerSettings | None = None) -> FastAPI:
-    """The FastAPI application serving `runner`'s engine under the name `model_name`."""
+               settings: ServerSettings | None = None, explorer: ExplorerSettings | None = None) -> FastAPI:
+    """The FastAPI application serving `runner`'s engine under the name `model_name` (and the explorer's
+    routes for it; `explorer` names its checkpoint directory and limits)."""
     settings = settings or ServerSettings()
     app = FastAPI(title="BinaryLM", version="1")
     context = runner.engine.max_length
@@ -152,17 +158,23 @@ def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str,
     async def chat_completions(body: ChatRequest, request: Request):
         return await run(ChatJob(runner, tokenizer, model_name, body), request)
 
+    from binarylm.serve.explorer import add_explorer  # here: explorer.py imports this module
+
+    add_explorer(app, runner.engine.model, tokenizer, model_name, explorer)
     return app
 
 
 def _install_guard(app: FastAPI, settings: ServerSettings) -> None:
     """API keys, the body-size cap and the request rate limit, before any handler runs."""
+    from binarylm.serve.explorer import is_public_page
+
     request_buckets = TokenBuckets(settings.requests_per_minute)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         key = authorized_key(request.headers.get("authorization"), settings.api_keys)
-        public = request.url.path in settings.public_paths or request.method == "OPTIONS"
+        path = request.url.path
+        public = path in settings.public_paths or is_public_page(path) or request.method == "OPTIONS"
         if settings.api_keys and key is None and not public:
             return JSONResponse(error_body("a valid API key is required: send 'Authorization: Bearer KEY'",
                                            "authentication_error", code="invalid_api_key"), status_code=401)
