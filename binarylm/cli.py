@@ -161,7 +161,7 @@ def evaluate(args: argparse.Namespace) -> None:
                     max_tokens=args.max_tokens, builtin_examples=args.builtin_examples)
     plan.held_out = args.held_out or not (plan.texts or plan.benchmarks or plan.custom or plan.builtin)
     results = run_plan(args.checkpoint, plan, device=args.device, show=lambda text: print(text, file=sys.stderr))
-    print(json.dumps(results, indent=2))
+    print(json.dumps(results["held_out"] if list(results) == ["held_out"] else results, indent=2))
 
 
 def _name_and_path(spec: str) -> tuple[str, str]:
@@ -179,9 +179,9 @@ def report(args: argparse.Namespace) -> None:
 
 
 def scaling(args: argparse.Namespace) -> None:
-    from binarylm.eval.scaling import scaling_report
+    from binarylm.eval.scaling import DEFAULT_BUDGETS, scaling_report
 
-    print(scaling_report([Path(run) for run in args.runs], Path(args.out), budgets=args.budget or (1e15, 1e17, 1e19)))
+    print(scaling_report([Path(run) for run in args.runs], Path(args.out), budgets=args.budget or DEFAULT_BUDGETS))
 
 
 def convert(args: argparse.Namespace) -> None:

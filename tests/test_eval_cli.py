@@ -76,3 +76,16 @@ def test_eval_names_the_line_and_fields_of_a_malformed_or_mismatched_file(checkp
     mismatched.write_text(hellaswag_rows)
     assert main(["eval", "-c", str(checkpoint), "--task", f"piqa={mismatched}"]) == 2
     assert "line 1: missing field 'goal'" in capsys.readouterr().err
+
+
+def test_a_custom_exact_match_task_compares_the_whole_reply_and_limit_keeps_the_few_shot_pool(checkpoint, tmp_path,
+                                                                                               capsys):
+    (tmp_path / "words.jsonl").write_text('{"q": "x", "a": "import os"}\n{"q": "y", "a": "def f"}\n')
+    (tmp_path / "words.yaml").write_text('name: words\ndata: words.jsonl\nkind: generate\nprompt: "{q} ->"\n'
+                                         'answer: "{a}"\nmetric: exact_match\nfew_shot: 1\nmax_new_tokens: 4\n')
+    assert main(["eval", "-c", str(checkpoint), "--custom", str(tmp_path / "words.yaml"), "--limit", "1"]) == 0
+    capsys.readouterr()
+    [record] = [json.loads(line) for line in
+                (resolve_checkpoint(checkpoint) / "eval" / "words.samples.jsonl").read_text().splitlines()]
+    assert record["extracted"] == (" ".join(record["output"].split()) or None)  # the whole reply, not a number
+    assert record["shots"] == [f"{tmp_path / 'words.jsonl'}, line 2"]  # drawn from beyond the limit

@@ -150,7 +150,8 @@ def analysis_markdown(result: TaskResult, k: int = 5) -> str:
     lines += [f"| {name} | {count} |" for name, count in counts.items()]
     worst = worst_examples(result.records, k)
     if worst:
-        lines += ["", f"Worst {len(worst)} examples:", "", "| source | prediction | target | why |",
+        plural = "s" if len(worst) != 1 else ""
+        lines += ["", f"Worst {len(worst)} example{plural}:", "", "| source | prediction | target | why |",
                   "| --- | --- | --- | --- |"]
         lines += [_worst_row(record) for record in worst]
     return "\n".join(lines) + "\n"

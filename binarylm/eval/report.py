@@ -234,7 +234,7 @@ def fmt_si(value: float | None) -> str:
     """A count with a unit prefix: 5.32M parameters, 1.64M tokens."""
     if value is None:
         return MISSING
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if value >= scale:
             return f"{value / scale:.2f}{unit}"
     return f"{value:.0f}"

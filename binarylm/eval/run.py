@@ -61,7 +61,7 @@ def run_plan(path: str | Path, plan: EvalPlan, device: str = "cpu", show=print) 
         results["held_out"] = evaluate_checkpoint(saved.path, plan.max_tokens, device, saved=saved)
     for text_path in plan.texts:
         metrics = text_metrics(model, tokenizer, _read_text(text_path), plan.stride)
-        figures = {"metrics": metrics, "data": str(text_path)}
+        figures = {"metrics": metrics, "data": str(text_path), "stride": plan.stride or "half the context"}
         results[f"text:{Path(text_path).name}"] = _write_task(saved.path, f"text-{Path(text_path).stem}", figures)
     for name, result, extra in _task_results(model, tokenizer, plan):
         figures = {**extra, "metrics": result.metrics, "chance": result.metrics.get("chance")}
@@ -73,28 +73,35 @@ def run_plan(path: str | Path, plan: EvalPlan, device: str = "cpu", show=print) 
 def _task_results(model, tokenizer, plan: EvalPlan):
     """(name, TaskResult, facts) for each benchmark, custom and built-in task in the plan, one at a time."""
     for name, data in plan.benchmarks.items():
-        items = _limited(read_benchmark(name, data), plan.limit)
-        facts = {"data": str(data), "few_shot": plan.few_shot or 0}
-        yield name, _evaluate_items(model, tokenizer, name, items, facts["few_shot"], None, plan.seed), facts
+        items = read_benchmark(name, data)
+        few_shot = plan.few_shot or 0
+        facts = {"data": str(data), "few_shot": few_shot}
+        yield name, _evaluate_items(model, tokenizer, name, items, plan.limit, few_shot, None, plan.seed), facts
     for yaml_path in plan.custom:
         task = load_custom_task(yaml_path)
-        items = _limited(list(task.items), plan.limit)
         few_shot = task.few_shot if plan.few_shot is None else plan.few_shot
         facts = {"data": str(yaml_path), "few_shot": few_shot}
-        yield task.name, _evaluate_items(model, tokenizer, task.name, items, few_shot, task, plan.seed), facts
+        yield task.name, _evaluate_items(model, tokenizer, task.name, list(task.items), plan.limit, few_shot, task,
+                                         plan.seed), facts
     if plan.builtin:
         result = evaluate_builtin(model, tokenizer, plan.builtin, plan.builtin_examples, seed=plan.seed)
         yield "builtin", result, {"tasks": plan.builtin}
 
 
-def _evaluate_items(model, tokenizer, name: str, items: list, few_shot: int, task: CustomTask | None, seed: int):
+WHOLE_REPLY = r"(?s)^\s*(.*?)\s*$"  # a custom task's exact_match compares the whole reply, trimmed
+
+
+def _evaluate_items(model, tokenizer, name: str, items: list, limit: int, few_shot: int, task: CustomTask | None,
+                    seed: int):
+    """Evaluate the first `limit` items (all with 0); few-shot examples come from all of them."""
     if not items:
         raise BinaryLMError(f"the task {name} has no examples to evaluate")
+    evaluated = _limited(items, limit)
     if isinstance(items[0], ChoiceItem):
-        return evaluate_choices(model, tokenizer, items, few_shot=few_shot, seed=seed, name=name)
-    regex = task.regex if task is not None else None
+        return evaluate_choices(model, tokenizer, evaluated, few_shot=few_shot, pool=items, seed=seed, name=name)
+    regex = None if task is None else task.regex if task.metric == "regex" else WHOLE_REPLY
     max_new_tokens = task.max_new_tokens if task is not None and task.max_new_tokens else 256
-    return evaluate_generation(model, tokenizer, items, few_shot=few_shot, seed=seed, regex=regex,
+    return evaluate_generation(model, tokenizer, evaluated, few_shot=few_shot, pool=items, seed=seed, regex=regex,
                                max_new_tokens=min(max_new_tokens, model.config.context_length // 2), name=name)
 
 

@@ -40,6 +40,7 @@ non-embedding parameters instead, and at small sizes the choice changes the expo
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -144,11 +145,24 @@ def fit_scaling_law(points: Sequence[Point], delta: float = HUBER_DELTA) -> Scal
     sizes, budgets = len({p.params for p in points}), len({p.tokens for p in points})
     if len(points) >= 5 and sizes >= 3 and budgets >= 3:
         e, a, alpha, b, beta, objective = _fit(points, ("params", "tokens"), delta)
-        return ScalingFit(math.exp(e), math.exp(a), alpha, math.exp(b), beta, "L(N, D)", "", points, objective)
+        fit = ScalingFit(math.exp(e), math.exp(a), alpha, math.exp(b), beta, "L(N, D)", "", points, objective)
+        return _with_exponent_warning(fit)
     if sizes >= 3 or budgets >= 3:
-        return _fallback(points, along="params" if sizes >= 3 else "tokens", delta=delta)
+        return _with_exponent_warning(_fallback(points, along="params" if sizes >= 3 else "tokens", delta=delta))
     raise BinaryLMError(f"{len(points)} runs with {sizes} model sizes and {budgets} token counts cannot be fitted; "
                         "L(N) needs at least 3 model sizes (L(N, D): at least 5 runs, 3 sizes and 3 token counts)")
+
+
+def _with_exponent_warning(fit: ScalingFit) -> ScalingFit:
+    """The fit, its note saying so when an exponent came out negative: loss that rises with size or data is no
+    scaling law, usually a sign of runs too noisy or too short to compare."""
+    negative = [name for name in ("alpha", "beta") if getattr(fit, name) is not None and getattr(fit, name) <= 0]
+    if not negative:
+        return fit
+    warning = (f"{' and '.join(negative)} came out at or below zero: in these runs loss does not fall as the model "
+               "or the data grows, so this fit is no scaling law; check that the runs are comparable and trained "
+               "long enough.")
+    return dataclasses.replace(fit, note=f"{fit.note} {warning}".strip())
 
 
 def _fallback(points: list[Point], along: str, delta: float) -> ScalingFit:
@@ -240,6 +254,9 @@ def compute_optimal(fit: ScalingFit, flops: float) -> tuple[float, float]:
     if not fit.complete:
         raise BinaryLMError(f"a compute-optimal split needs the full L(N, D) fit; this one is {fit.form} "
                             "(train runs of several sizes on several token counts)")
+    if fit.alpha <= 0 or fit.beta <= 0:
+        raise BinaryLMError(f"a compute-optimal split needs positive exponents; this fit has alpha={fit.alpha:.3g}, "
+                            f"beta={fit.beta:.3g} ({fit.note})")
     exponent_sum = fit.alpha + fit.beta
     g = (fit.alpha * fit.A / (fit.beta * fit.B)) ** (1 / exponent_sum)
     params = g * (flops / 6) ** (fit.beta / exponent_sum)
