@@ -107,7 +107,10 @@ function extent(series, axis) {
     }
   }
   if (low === Infinity) return [0, 1];
-  if (low === high) return [low - 1, high + 1];
+  if (low === high) {  // a constant (a flat learning rate): a band around it scaled to its size
+    const half = Math.abs(low) * 0.1 || 1;
+    return [low - half, high + half];
+  }
   return [low, high];
 }
 
