@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stages", default="sft,lora,qlora,dpo,grpo",
                         help="which rungs to run; dpo and grpo start from --out/sft, kept from an earlier run")
+    parser.add_argument("--align-from", default="sft", choices=["sft", "lora", "qlora"],
+                        help="the fine-tuned model dpo and grpo start from (--out/NAME)")
     parser.add_argument("--dpo-lr", default="5e-5")
     parser.add_argument("--grpo-lr", default="3e-5")
     args = parser.parse_args()
@@ -114,8 +116,9 @@ def main() -> None:
     figures = {}
     for name, (stage, after_sft, steps, settings) in ladder.items():
         if name in args.stages.split(","):
-            start = resolve_checkpoint(out / "sft") if after_sft else base  # a kept SFT run when sft is skipped
-            figures[name] = run(name, stage, stage_config(start, out / name, steps, args, **settings))
+            start = resolve_checkpoint(out / args.align_from) if after_sft else base  # kept from an earlier run
+            stage_out = out / (name if not after_sft or args.align_from == "sft" else f"{name}-from-{args.align_from}")
+            figures[name] = run(name, stage, stage_config(start, stage_out, steps, args, **settings))
     report(figures)
 
 

@@ -156,6 +156,7 @@ def _adapted_base(path: Path, config: RunConfig) -> Transformer:
     load_adapter(path, model)
     if config.finetune.quantize_base == "none":
         strip_lora(model, merge=True)  # a plain model again, which every exporter takes
+        model.requires_grad_(True)  # and trainable again, like any loaded model, for the next stage
     return model
 
 

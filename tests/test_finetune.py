@@ -57,6 +57,10 @@ def test_lora_runs_save_the_adapter_alone_and_load_back_as_the_trained_model(bas
     assert (saved / "adapter.safetensors").is_file() and not (saved / "model.safetensors").exists()
     loaded = load_checkpoint(saved).model
     assert bool(lora_layers(loaded)) == (quantize_base != "none")  # a float base gets the adapter merged in
+    if quantize_base == "none":  # a plain model, ready for the next stage to train in full
+        assert all(parameter.requires_grad for parameter in loaded.parameters())
+        next_stage = sft(sft_config(saved, tmp_path / "after-lora", steps=2), progress=False)
+        assert next_stage["step"] == 2
     base_model = load_checkpoint(base).model
     ids = torch.randint(0, base_model.config.vocab_size, (1, 12))
     with torch.no_grad():
