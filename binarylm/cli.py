@@ -33,6 +33,8 @@ from pathlib import Path
 
 from binarylm.errors import BinaryLMError
 
+THREADS_HELP = ("PyTorch CPU threads (0: PyTorch's default, one per core); 1 is often far faster when "
+                "other jobs share the cores")
 CORPUS_HELP = "text files or directories; none (or 'stdlib') means the built-in standard-library corpus"
 
 
@@ -203,6 +205,10 @@ def serve(args: argparse.Namespace) -> None:
 
     settings = _server_settings(args)
     resolve_checkpoint(args.checkpoint)  # a wrong path fails here, not as a server that never gets ready
+    if args.threads:  # on a machine shared with other jobs, fewer threads than cores is often much faster
+        import torch
+
+        torch.set_num_threads(args.threads)
     _log_access_to_stderr()
     runners: list[EngineRunner] = []
 
@@ -227,7 +233,7 @@ def serve(args: argparse.Namespace) -> None:
 def explore(args: argparse.Namespace) -> None:
     """`binarylm serve` on this machine, and the explorer page opened in the browser once the model is loaded."""
     serve_args = build_parser().parse_args(["serve", "--checkpoint", args.checkpoint, "--port", str(args.port),
-                                            "--device", args.device,
+                                            "--device", args.device, "--threads", str(args.threads),
                                             "--explore-max-tokens", str(args.explore_max_tokens)])
     if not args.no_browser:
         import threading
@@ -485,6 +491,7 @@ def _add_run_verbs(verbs) -> None:
     srv.add_argument("--max-batch", type=int, default=32, help="sequences decoded together")
     srv.add_argument("--model-name", help="the name clients use (default: the run directory's name)")
     srv.add_argument("--device", default="cpu")
+    srv.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     srv.add_argument("--api-key-file", help="one API key per line (keys also come from $BINARYLM_API_KEYS)")
     srv.add_argument("--no-auth", action="store_true", help="allow serving beyond localhost without API keys")
     srv.add_argument("--requests-per-minute", type=int, default=0, help="per key (or client); 0: unlimited")
@@ -504,6 +511,7 @@ def _add_run_verbs(verbs) -> None:
     exp.add_argument("--checkpoint", "-c", required=True, help="a run directory or one of its ckpt-* folders")
     exp.add_argument("--port", type=int, default=8000)
     exp.add_argument("--device", default="cpu")
+    exp.add_argument("--threads", type=int, default=0, help=THREADS_HELP)
     exp.add_argument("--explore-max-tokens", type=int, default=256,
                      help="the longest prompt the explorer takes (capped by the context)")
     exp.add_argument("--no-browser", action="store_true", help="only print the address; open no browser")

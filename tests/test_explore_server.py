@@ -362,9 +362,10 @@ def test_binarylm_explore_serves_on_loopback_and_opens_the_page(monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "serve", calls.append)
     monkeypatch.setattr(cli, "_open_when_ready", lambda url: calls.append(url))
-    assert cli.main(["explore", "-c", "runs/x", "--port", "8123", "--no-browser"]) == 0
+    assert cli.main(["explore", "-c", "runs/x", "--port", "8123", "--no-browser", "--threads", "1"]) == 0
     (args,) = calls
     assert (args.host, args.port, args.checkpoint, args.explore_max_tokens) == ("127.0.0.1", 8123, "runs/x", 256)
+    assert args.threads == 1  # handed on to serve, which sets PyTorch's threads
     calls.clear()
     assert cli.main(["explore", "-c", "runs/x", "--port", "8124"]) == 0
     for _ in range(100):  # the browser is opened from a thread
