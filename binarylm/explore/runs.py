@@ -10,7 +10,6 @@ record wins (the resumed run's).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -45,12 +44,7 @@ def training_curves(run_dir: str | Path) -> dict:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    try:
-        records = read_metrics(run_dir)
-    except json.JSONDecodeError as exc:
-        raise BinaryLMError(f"{run_dir / 'metrics.jsonl'} holds a line that is not JSON, {exc.doc[:60]!r} "
-                            "(a run stopped mid-write?); delete that line") from None
-    return [record for record in records if isinstance(record, dict)]
+    return [record for record in read_metrics(run_dir) if isinstance(record, dict)]
 
 
 def _number(value) -> float | None:

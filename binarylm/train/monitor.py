@@ -6,6 +6,7 @@ Only the main process (rank 0) reports; the others stay quiet.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -13,7 +14,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from binarylm.errors import BinaryLMError
 from binarylm.train.tensorboard import EventWriter
+
+log = logging.getLogger(__name__)
 
 
 class Monitor:
@@ -57,8 +61,18 @@ class Monitor:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Every record of a run's metrics.jsonl."""
+    """Every record of a run's metrics.jsonl; a last line cut short (a run killed mid-write) is left out."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):  # damage before the end is not a torn write: say so
+                raise BinaryLMError(f"{path}, line {number}: malformed JSON ({error.msg}); fix or remove the "
+                                    "line") from None
+            log.warning("%s: the last line is cut short (a run stopped while writing it); leaving it out", path)
+    return records
