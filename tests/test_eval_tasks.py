@@ -1,5 +1,6 @@
 """Task evaluators (eval/tasks.py) and error analysis (eval/analysis.py), checked against hand-computed values."""
 
+import dataclasses
 import json
 import math
 from types import SimpleNamespace
@@ -126,6 +127,20 @@ def test_an_item_that_is_also_in_the_pool_is_not_its_own_example():
         assert items[index] not in shots and len(shots) == 2
     with pytest.raises(BinaryLMError, match="offers only 2"):
         draw_shots(items, 3, pool=items)
+
+
+def test_examples_come_from_the_items_own_subject_when_it_has_enough(tiny):
+    def subject(name: str, index: int) -> ChoiceItem:
+        return dataclasses.replace(solved(f"{name}:{index}", f"{name} example {index}"), preamble=f"About {name}.\n\n")
+
+    pool = [subject("biology", i) for i in range(3)] + [subject("physics", 0)]
+    biology, physics = subject("biology", 9), subject("physics", 9)
+    biology_shots, physics_shots = draw_shots([biology, physics], 2, pool)
+    assert {shot.source for shot in biology_shots} <= {"biology:0", "biology:1", "biology:2"}
+    assert len(physics_shots) == 2  # one physics example is too few: any subject's
+    model, tokenizer = tiny
+    result = evaluate_choices(model, tokenizer, [biology], few_shot=2, pool=pool)
+    assert result.records[0]["shots"] == [shot.source for shot in biology_shots]
 
 
 def test_few_shot_choices_score_the_exact_prompt(tiny):

@@ -78,8 +78,10 @@ def draw_shots(items: Sequence[Item], few_shot: int, pool: Sequence[Item] | None
                seed: int = 0) -> list[list[Item]]:
     """For each item, `few_shot` solved examples from `pool` (or from `items`), never the item itself.
 
-    Only candidates with a `few_shot_text` count. Item i's examples come from a generator seeded
-    by (seed, i), so they do not change when other items are added or removed after it.
+    Only candidates with a `few_shot_text` count. Candidates under the item's own preamble (MMLU:
+    the same subject, which the prompt names once above the examples) are taken when there are
+    enough of them, else any. Item i's examples come from a generator seeded by (seed, i), so they
+    do not change when other items are added or removed after it.
     """
     if few_shot < 0:
         raise BinaryLMError(f"few_shot must be 0 or more, got {few_shot}")
@@ -87,15 +89,20 @@ def draw_shots(items: Sequence[Item], few_shot: int, pool: Sequence[Item] | None
         return [[] for _ in items]
     candidates = [candidate for candidate in (items if pool is None else pool) if candidate.few_shot_text]
     copies = Counter(candidates)  # an item that is also a candidate (or equal to one) must not be its own example
+    by_preamble: dict[str, list[Item]] = {}
+    for candidate in candidates:
+        by_preamble.setdefault(getattr(candidate, "preamble", ""), []).append(candidate)
     shots = []
     for index, item in enumerate(items):
-        available = len(candidates) - copies[item]
+        same = by_preamble.get(getattr(item, "preamble", ""), [])
+        chosen_from = same if getattr(item, "preamble", "") and len(same) - copies[item] >= few_shot else candidates
+        available = len(chosen_from) - copies[item]
         if available < few_shot:
             where = "the evaluated items" if pool is None else "the few-shot pool"
             raise BinaryLMError(
                 f"few_shot={few_shot} needs {few_shot} solved examples besides {item.source}, but {where} "
                 f"offers only {available} (items with a few_shot_text); lower few_shot or give a larger pool")
-        drawn = random.Random(f"few-shot:{seed}:{index}").sample(candidates, few_shot + copies[item])
+        drawn = random.Random(f"few-shot:{seed}:{index}").sample(chosen_from, few_shot + copies[item])
         shots.append([candidate for candidate in drawn if candidate != item][:few_shot])
     return shots
 
