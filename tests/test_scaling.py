@@ -101,6 +101,9 @@ def test_scaling_report_reads_runs_and_writes_the_fit_the_split_and_a_plot(tmp_p
     assert "| alpha | 0.34 |" in text and "| beta | 0.28 |" in text  # the law the runs were written from
     assert (tmp_path / "out" / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "out" / "scaling.md").read_text() == text and (tmp_path / "out" / "scaling.html").is_file()
+    assert "Extrapolation" not in text
+    far = scaling_report(runs, tmp_path / "far", budgets=[1e12, 1e19])
+    assert "**Extrapolation:**" in far and "1e+19" in far and "1e+12" not in far.split("**Extrapolation:**")[1]
     fallback = scaling_report(runs[::3], tmp_path / "same-d")
     assert "**Fallback:**" in fallback and "only 3 runs" in fallback and "Not available" in fallback
     with pytest.raises(BinaryLMError, match="validation loss"):

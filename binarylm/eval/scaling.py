@@ -274,12 +274,26 @@ def scaling_report(run_dirs: Sequence[str | Path], out_dir: str | Path,
     if fit.note:
         lines += [f"**Fallback:** {fit.note}", ""]
     lines += ["## Runs", "", *_points_table(fit), "", "## Fitted parameters", "", *_parameter_table(fit), ""]
-    lines += ["## Compute-optimal allocation", "", *_optimal_table(fit, budgets), ""]
+    lines += ["## Compute-optimal allocation", "", *_optimal_table(fit, budgets), *_extrapolation(fit, budgets), ""]
     if has_plot:
         lines += ["## Loss against parameters and tokens", "", "![scaling](scaling.png)", ""]
     text = "\n".join(lines)
     write_markdown_and_html(text, out_dir / "scaling.md", "Scaling law")
     return text
+
+
+EXTRAPOLATION = 100  # budgets more than this many times the largest run's compute are flagged
+
+
+def _extrapolation(fit: ScalingFit, budgets: Sequence[float]) -> list[str]:
+    """A warning line for the budgets far beyond the compute of the runs the law was fitted to."""
+    largest = max(6 * point.params * point.tokens for point in fit.points)
+    beyond = [budget for budget in budgets if budget > EXTRAPOLATION * largest]
+    if not fit.complete or not beyond:
+        return []
+    return ["", f"**Extrapolation:** the largest run used {largest:.3g} FLOPs; the budgets "
+            f"{', '.join(f'{budget:.0e}' for budget in beyond)} are more than {EXTRAPOLATION}x beyond it, where a "
+            "law fitted to small runs is a guess, not a measurement."]
 
 
 def _points_table(fit: ScalingFit) -> list[str]:
