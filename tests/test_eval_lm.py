@@ -110,3 +110,16 @@ def test_text_metrics_explain_an_empty_text(base):
     saved = load_checkpoint(base)
     with pytest.raises(Exception, match="empty"):
         text_metrics(saved.model, saved.tokenizer, "")
+
+
+def test_pairs_score_without_an_end_of_text_token_as_long_as_every_context_has_text(base, small_tokenizer):
+    from binarylm.eval.scoring import score_pairs
+    from binarylm.tokenizer import Tokenizer
+
+    model = load_checkpoint(base).model
+    plain = Tokenizer(small_tokenizer.ranks, pattern=small_tokenizer.pattern, special_tokens={})
+    assert plain.eot_id is None
+    [score] = score_pairs(model, plain, [("def f(x):", " return x")])
+    assert score == score_pairs(model, small_tokenizer, [("def f(x):", " return x")])[0]
+    with pytest.raises(Exception, match="no end-of-text token"):
+        score_pairs(model, plain, [("", "return x")])

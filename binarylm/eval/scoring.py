@@ -54,12 +54,11 @@ def split_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[l
 def score_pairs(model: torch.nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
                 batch_size: int = SCORE_BATCH) -> list[Score]:
     """The Score of each continuation after its context (text pairs; see split_pair)."""
-    return score_token_pairs(model, [split_pair(tokenizer, *pair) for pair in pairs], _prefix_id(tokenizer),
-                             batch_size)
+    return score_token_pairs(model, [split_pair(tokenizer, *pair) for pair in pairs], tokenizer.eot_id, batch_size)
 
 
 @torch.no_grad()
-def score_token_pairs(model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]], prefix_id: int,
+def score_token_pairs(model: torch.nn.Module, pairs: Sequence[tuple[list[int], list[int]]], prefix_id: int | None,
                       batch_size: int = SCORE_BATCH) -> list[Score]:
     """The Score of each continuation id list after its context id list.
 
@@ -75,6 +74,9 @@ def score_token_pairs(model: torch.nn.Module, pairs: Sequence[tuple[list[int], l
         if len(continuation) > window:
             raise BinaryLMError(f"a continuation of {len(continuation)} tokens does not fit the model's context of "
                                 f"{window}; shorten it or score it with a sliding window (rolling_logprobs)")
+        if not context and prefix_id is None:
+            raise BinaryLMError("a context is empty and the tokenizer has no end-of-text token to start a text "
+                                "with; give every pair a non-empty context")
         ids = ([*context] or [prefix_id]) + [*continuation]
         rows.append((ids[-(window + 1):], len(continuation)))
     return [Score(logprobs.sum().item(), bool(greedy.all()), len(logprobs))
@@ -142,10 +144,3 @@ def _scored_batch(model: torch.nn.Module, rows: list[tuple[list[int], int]]) -> 
         picked = F.log_softmax(logits[row, positions].float(), dim=-1)  # (n, V): only the scored positions
         results.append((picked.gather(1, targets[:, None]).squeeze(1).cpu(), (picked.argmax(-1) == targets).cpu()))
     return results
-
-
-def _prefix_id(tokenizer: Tokenizer) -> int:
-    if tokenizer.eot_id is None:
-        raise BinaryLMError("the tokenizer has no end-of-text token to start a text with; "
-                            "score pairs with a non-empty context instead")
-    return tokenizer.eot_id
