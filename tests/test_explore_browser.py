@@ -502,6 +502,9 @@ def test_layer_head_and_stage_redraw_the_heatmap_and_hovering_reads_the_value(pa
         page.choose("head", str(head))
         shown[layer, head] = page.canvas_fingerprint("attention-canvas")
     assert len(set(shown.values())) == 3, "changing the layer or the head left the heatmap as it was"
+    vectors = page.driver.execute_script(  # the chosen head's q, k and v, a pixel per (position, dimension)
+        "return [...document.querySelectorAll('#qkv canvas')].map(c => [c.dataset.vector, c.width, c.height])")
+    assert vectors == [[name, D, T] for name in ("q", "k", "v")]
 
     def readout(query: int, key: int) -> str:
         shown = hover_attention_cell(page, T, query, key)  # 'query 3 “a” → key 1 “b”: VALUE'

@@ -193,3 +193,20 @@ export function legend(series) {
   return el('div', { class: 'legend' }, series.map((s) =>
     el('span', { class: 'key' }, [el('i', { style: `background:${s.colour}` }), s.name])));
 }
+
+// One pixel per cell of a (rows, columns) array, red positive and blue negative, stretched by CSS: a big grid
+// drawn in one go.
+export function heatmapCanvas(data, rows, columns, largest) {
+  const canvas = document.createElement('canvas');
+  canvas.width = columns;
+  canvas.height = rows;
+  const context = canvas.getContext('2d');
+  const image = context.createImageData(columns, rows);
+  for (let i = 0; i < rows * columns; i++) {
+    const [r, g, b] = divergingRGB(data[i] / largest);
+    image.data.set([r, g, b, 255], i * 4);
+  }
+  context.putImageData(image, 0, 0);
+  canvas.className = 'pixelated';
+  return canvas;
+}

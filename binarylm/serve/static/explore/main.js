@@ -10,6 +10,7 @@ import { renderCurves } from './views/curves.js';
 import { EmbeddingMap } from './views/embeddings.js';
 import { renderLogitLens } from './views/logitlens.js';
 import { drawMlp } from './views/mlp.js';
+import { drawQkv } from './views/qkv.js';
 import { renderNextToken, textOf } from './views/nexttoken.js';
 import { renderResidual } from './views/residual.js';
 import { highlightToken, renderTokens } from './views/tokens.js';
@@ -220,9 +221,9 @@ function markSampled() {
 
 function renderAttention() {
   if (!state.reply) return;
-  drawAttention($('attention-canvas'), $('attention-info'), state.reply, {
-    layer: Number($('layer').value), head: Number($('head').value), mode: $('attention-mode').value,
-  });
+  const choice = { layer: Number($('layer').value), head: Number($('head').value) };
+  drawAttention($('attention-canvas'), $('attention-info'), state.reply, { ...choice, mode: $('attention-mode').value });
+  drawQkv($('qkv'), $('qkv-info'), state.reply, choice);
 }
 
 function renderMlp() {

@@ -2,7 +2,7 @@
 // Red is positive, blue negative; most neurons are quiet most of the time, a few fire for specific tokens.
 
 import { array } from '../api.js';
-import { divergingRGB, note, pointer } from '../draw.js';
+import { heatmapCanvas, note, pointer } from '../draw.js';
 import { number, visible } from '../format.js';
 
 const WIDTH = 760;
@@ -19,7 +19,7 @@ export function drawMlp(container, info, reply, layer) {
   const { shape, data } = array(payload); // (T, d_ff)
   const [T, width] = shape;
   const largest = data.reduce((m, v) => Math.max(m, Math.abs(v)), 1e-9);
-  const canvas = paint(data, T, width, largest);
+  const canvas = heatmapCanvas(data, T, width, largest);
   const rowHeight = Math.max(3, Math.min(18, Math.floor(360 / T)));
   const columnWidth = Math.max(WIDTH / width, 0.5);
   canvas.style.width = `${Math.round(columnWidth * width)}px`;
@@ -37,22 +37,6 @@ export function drawMlp(container, info, reply, layer) {
     info.textContent = `layer ${layer}: ${width} neurons; largest |activation| ${number(largest)}. Hover a row.`;
   };
   canvas.onmouseleave();
-}
-
-// One pixel per (position, neuron), stretched by CSS: a big grid drawn in one go.
-function paint(data, T, width, largest) {
-  const canvas = document.createElement('canvas');
-  canvas.width = width;
-  canvas.height = T;
-  const context = canvas.getContext('2d');
-  const image = context.createImageData(width, T);
-  for (let i = 0; i < T * width; i++) {
-    const [r, g, b] = divergingRGB(data[i] / largest);
-    image.data.set([r, g, b, 255], i * 4);
-  }
-  context.putImageData(image, 0, 0);
-  canvas.className = 'pixelated';
-  return canvas;
 }
 
 function strongest(data, t, width) {
