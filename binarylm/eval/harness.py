@@ -141,7 +141,7 @@ class BinaryLM(LM):
     def _scores(self, pairs: list[tuple[str, str]]) -> list[Score]:
         if not self._specials:
             return score_pairs(self.model, self.tokenizer, pairs, self.batch_size)
-        return score_token_pairs(self.model, [self._chat_pair(*pair) for pair in pairs], self._prefix_id(),
+        return score_token_pairs(self.model, [self._chat_pair(*pair) for pair in pairs], self.tokenizer.eot_id,
                                  self.batch_size)
 
     def _chat_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
