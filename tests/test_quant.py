@@ -15,6 +15,7 @@ from binarylm.errors import BinaryLMError
 from binarylm.eval.lm import bits_per_byte
 from binarylm.infer.generate import generate_ids
 from binarylm.model import Transformer
+from binarylm.model.linear import Linear
 from binarylm.model.quant import (
     Int4Linear,
     Int8Linear,
@@ -211,7 +212,7 @@ def test_kernel_probe_leaves_the_global_random_state_alone():
 def test_quantized_transformer_stays_close_and_generates(preset, scheme, group_size, bound, ids):
     model = tiny_model(preset)
     quantized = quantize_model(copy.deepcopy(model), scheme, group_size)
-    assert not any(type(m) is nn.Linear for m in quantized.modules())  # the head too
+    assert not any(isinstance(m, nn.Linear) for m in quantized.modules())  # the head too
     assert isinstance(quantized.token_embedding, nn.Embedding)
     with torch.no_grad():
         exact, _ = model(ids)
@@ -251,7 +252,7 @@ def test_the_loss_path_and_bits_per_byte_work_on_a_quantized_model(scheme, ids, 
 def test_skip_keeps_layers_float_and_a_skipped_head_stays_tied():
     model = quantize_model(tiny_model(), "int8", skip=["lm_head", "blocks.0.*"])
     assert model.lm_head.weight is model.token_embedding.weight
-    assert type(model.blocks[0].attn.qkv) is nn.Linear and isinstance(model.blocks[1].attn.qkv, Int8Linear)
+    assert type(model.blocks[0].attn.qkv) is Linear and isinstance(model.blocks[1].attn.qkv, Int8Linear)
     assert model.quantization == {"scheme": "int8", "skip": ["lm_head", "blocks.0.*"]}
 
 
@@ -261,7 +262,7 @@ def test_dequantize_model_gives_back_nn_linear_and_ties_the_head(ids):
     expected_up = quantized.blocks[0].mlp.up.dequantized_weight()
     back = dequantize_model(quantized)
     assert all(not isinstance(m, (Int8Linear, Int4Linear)) for m in back.modules())
-    assert type(back.blocks[0].mlp.up) is nn.Linear and torch.equal(back.blocks[0].mlp.up.weight, expected_up)
+    assert type(back.blocks[0].mlp.up) is Linear and torch.equal(back.blocks[0].mlp.up.weight, expected_up)
     assert back.lm_head.weight is back.token_embedding.weight  # the embedding was never quantized
     assert not hasattr(back, "quantization")
     with torch.no_grad():
@@ -280,7 +281,7 @@ def test_bad_schemes_group_sizes_and_patterns_are_clear_errors():
     model = tiny_model()
     with pytest.raises(BinaryLMError, match="match no linear layer"):
         quantize_model(model, "int8", skip=["lm_haed"])
-    assert type(model.lm_head) is nn.Linear  # nothing was changed before the error
+    assert type(model.lm_head) is Linear  # nothing was changed before the error
     quantize_model(model, "int8")
     with pytest.raises(BinaryLMError, match="already quantized"):
         quantize_model(model, "int4", group_size=32)

@@ -16,7 +16,8 @@ from torch import nn
 from binarylm.config import ModelConfig
 from binarylm.errors import BinaryLMError
 from binarylm.model.kv_cache import KVCache
-from binarylm.model.layers import Block, make_norm, residual_init_std
+from binarylm.model.layers import Block, dropout, make_norm, residual_init_std
+from binarylm.model.linear import Linear
 from binarylm.model.losses import linear_cross_entropy
 from binarylm.model.moe import MixtureOfExperts
 from binarylm.model.positions import rotary_tables, sinusoidal_positions
@@ -30,10 +31,10 @@ class Transformer(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         if config.position == "learned":
             self.position_embedding = nn.Embedding(config.context_length, config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.final_norm = make_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
         self.apply(self._init_weights)
@@ -82,7 +83,7 @@ class Transformer(nn.Module):
                 "shorten the input"
             )
         positions = cache.positions(T) if cache is not None else torch.arange(T, device=ids.device)  # (T,) or (B, T)
-        x = self.dropout(self._embed(ids, positions))  # (B, T, C)
+        x = dropout(self._embed(ids, positions), self.dropout, self.training)  # (B, T, C)
         rotary = rotary_tables(positions, self.config) if self.config.position == "rope" else None
         for layer, block in enumerate(self.blocks):
             x = block(x, rotary, cache, layer)

@@ -64,7 +64,6 @@ rounds the activations to int8 on the fly) for comparison; it cannot be saved.
 
 from __future__ import annotations
 
-import copy
 import functools
 import warnings
 from collections.abc import Callable, Iterable
@@ -76,6 +75,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from binarylm.errors import BinaryLMError
+from binarylm.model.linear import Linear
 from binarylm.model.moe import MixtureOfExperts
 
 SCHEMES = ("int8", "int4", "torch-dynamic-int8")
@@ -338,7 +338,9 @@ class TorchDynamicInt8Linear(nn.Module):
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
         from torch.ao.quantization import per_channel_dynamic_qconfig
 
-        plain = copy.deepcopy(linear)  # from_float reads a `qconfig` attribute; the caller's layer stays as it was
+        # from_float wants exactly nn.Linear (not a subclass) and reads a `qconfig` attribute: a plain copy
+        plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        plain.load_state_dict({name: tensor.detach() for name, tensor in linear.state_dict().items()})
         plain.qconfig = per_channel_dynamic_qconfig
         with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
@@ -459,10 +461,10 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _to_linear(layer: QuantizedLinear | TorchDynamicInt8Linear) -> nn.Linear:
+def _to_linear(layer: QuantizedLinear | TorchDynamicInt8Linear) -> Linear:
     bias = layer.inner.bias() if isinstance(layer, TorchDynamicInt8Linear) else layer.bias
     weight = layer.dequantized_weight(torch.float32)
-    linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device)
+    linear = Linear(layer.in_features, layer.out_features, bias=bias is not None, device=weight.device)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
