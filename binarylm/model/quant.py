@@ -248,7 +248,7 @@ class Int8Linear(QuantizedLinear):
         """The CPU kernel, bfloat16 inside (see the module docstring)."""
         (scales,) = self._kernel_weights  # (out,) bfloat16
         rows = x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous()  # (N, in)
-        return _finish(torch.ops.aten._weight_int8pack_mm(rows, self.weight, scales), x, self.bias)  # (..., out)
+        return _finish(torch._weight_int8pack_mm(rows, self.weight, scales), x, self.bias)  # (..., out)
 
     def _make_kernel_weights(self) -> tuple[torch.Tensor]:
         return (self.scales.to(KERNEL_DTYPE),)
@@ -299,7 +299,7 @@ class Int4Linear(QuantizedLinear):
         """The CPU kernel on its own layout, bfloat16 inside (see the module docstring)."""
         tiles, table = self._kernel_weights
         rows = x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous()  # (N, in)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, tiles, self.group_size, table)  # (N, out padded)
+        y = torch._weight_int4pack_mm_for_cpu(rows, tiles, self.group_size, table)  # (N, out padded)
         return _finish(y[:, : self.out_features], x, self.bias)  # (..., out)
 
     def _make_kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
