@@ -69,7 +69,7 @@ def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str,
     created = int(time.time())
     token_buckets = TokenBuckets(settings.tokens_per_minute)
     _install_error_handlers(app)
-    _install_guard(app, settings)
+    app.add_middleware(RequestGuard, settings=settings)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -164,14 +164,26 @@ def create_app(runner: EngineRunner, tokenizer: Tokenizer, model_name: str,
     return app
 
 
-def _install_guard(app: FastAPI, settings: ServerSettings) -> None:
-    """API keys, the body-size cap and the request rate limit, before any handler runs."""
-    from binarylm.serve.explorer import is_public_page
+class RequestGuard:
+    """API keys, the body-size cap and the request rate limit, before any handler runs.
 
-    request_buckets = TokenBuckets(settings.requests_per_minute)
+    Pure ASGI middleware rather than `@app.middleware("http")`, whose BaseHTTPMiddleware relays every
+    streamed chunk through a memory stream and a task switch: work the event loop did once a token."""
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
+    def __init__(self, app, settings: ServerSettings):
+        self.app, self.settings = app, settings
+        self.request_buckets = TokenBuckets(settings.requests_per_minute)
+
+    async def __call__(self, scope, receive, send) -> None:
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        await (refusal or self.app)(scope, receive, send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        """The error answer for a request that may not pass, or None (its identity then goes in scope["state"],
+        where `request.state.identity` finds it)."""
+        from binarylm.serve.explorer import is_public_page
+
+        settings, request = self.settings, Request(scope)  # headers and path only: the body stays unread
         key = authorized_key(request.headers.get("authorization"), settings.api_keys)
         path = request.url.path
         public = path in settings.public_paths or is_public_page(path) or request.method == "OPTIONS"
@@ -182,13 +194,14 @@ def _install_guard(app: FastAPI, settings: ServerSettings) -> None:
         if not length.isdigit() or int(length) > settings.max_body_bytes:
             return JSONResponse(error_body(f"the request body is larger than {settings.max_body_bytes} bytes",
                                            "invalid_request_error"), status_code=413)
-        request.state.identity = key or (request.client.host if request.client else "unknown")
-        wait = 0.0 if public else request_buckets.take(request.state.identity)
+        identity = key or (request.client.host if request.client else "unknown")
+        wait = 0.0 if public else self.request_buckets.take(identity)
         if wait:
             return JSONResponse(error_body(f"rate limit: {settings.requests_per_minute} requests per minute; "
                                            f"retry in {wait:.1f} s", "rate_limit_error"),
                                 status_code=429, headers={"retry-after": str(max(1, round(wait)))})
-        return await call_next(request)
+        scope.setdefault("state", {})["identity"] = identity
+        return None
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -334,9 +347,12 @@ class CompletionJob:
                     self.runner.abort(request_id)
 
     async def _next(self, request: Request):
+        """The next item for this job; every half second without one, a check that the client is still there.
+        (`asyncio.timeout`, not `wait_for`, which wraps each wait in a new task: this runs once a token.)"""
         while True:
             try:
-                return await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                async with asyncio.timeout(0.5):
+                    return await self.queue.get()
             except TimeoutError:
                 if await request.is_disconnected():
                     raise ClientGone from None

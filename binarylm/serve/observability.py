@@ -14,6 +14,7 @@ at the same time, and a scrape may read them meanwhile.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -158,7 +159,7 @@ class Histogram(_Metric):
 
     def observe(self, value: float, **labels: object) -> None:
         key = self._key(labels)
-        bucket = next(i for i, bound in enumerate(self.bounds) if value <= bound or i == len(self.bounds) - 1)
+        bucket = min(bisect.bisect_left(self.bounds, value), len(self.bounds) - 1)  # the first bound >= value
         with self._lock:
             state = self._values.get(key)
             if state is None:
