@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import socket
@@ -224,7 +225,7 @@ def percentiles(values: list[float]) -> dict:
     ranked = sorted(values)
 
     def at(q: float) -> float | None:
-        return 1000 * ranked[min(len(ranked) - 1, int(q * len(ranked)))] if ranked else None
+        return 1000 * ranked[max(0, math.ceil(q * len(ranked)) - 1)] if ranked else None  # the ceil(q n)-th
 
     return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99)}
 
