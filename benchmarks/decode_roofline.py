@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from generate import engine_tokens, hf_model, hf_tokens, trained_checkpoint  # benchmarks/generate.py
+from timing import median_seconds  # benchmarks/timing.py
 
 from binarylm.checkpoint import load_checkpoint
 from binarylm.infer.engine import Engine
@@ -39,12 +40,7 @@ PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 def median_time(fn, rounds: int) -> float:
     """Median seconds of `rounds` calls after two warm-up calls."""
     fn(), fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(fn, rounds)
 
 
 # ------------------------------------------------------------------ 1. the machine
