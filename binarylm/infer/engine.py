@@ -112,7 +112,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Tokenizer | None = None, max_batch: int = 32,
                  max_length: int | None = None, pack_weights: bool = True):
         """`pack_weights`: on CPU, keep float32 weights also in MKL's packed layout for full max_batch decode
-        steps (model/linear.py: ~1.4x faster matmuls there, one more copy of the weights in memory)."""
+        steps (model/linear.py: ~1.5x faster matmuls there, one more copy of the weights in memory)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         config = model.config

@@ -25,8 +25,8 @@ Rotary = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (T, head_dim)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Dropout while training; otherwise x itself, at no cost (decoding passes here 13 times a token, and
-    nn.Dropout's module call and F.dropout would add ~30 us to each 2 ms step)."""
+    """Dropout while training; otherwise x itself, with no call at all (decoding passes here 13 times a
+    token, where an nn.Dropout module call and F.dropout would be pure overhead)."""
     return F.dropout(x, p, training=True) if training and p > 0 else x
 
 
@@ -76,7 +76,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
         self.window = config.sliding_window
         self.qkv = Linear(config.d_model, (config.n_head + 2 * config.n_kv_heads) * config.head_dim,
-                             bias=config.bias)
+                          bias=config.bias)
         self.proj = Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
         self.proj.is_residual_output = True  # scaled down at init, see Transformer._init_weights
         self.dropout = config.dropout

@@ -4,9 +4,9 @@ A decode step multiplies the same weights by a (B, C) batch of new positions,
 step after step. MKL's packed GEMM (`cblas_sgemm_pack`) reorders the weight once
 into the blocks its kernel reads, so each call skips the repacking that an
 ordinary sgemm does on the fly. On the 2-core development CPU that makes the
-"small" preset's matmuls at 32 rows about 1.4x as fast (benchmarks/RESULTS.md,
-"MKL packed weights"); at 1 row it is slower, and PyTorch's op only takes the
-packed layout for exactly the row count it was packed for.
+"small" preset's matmuls at 32 rows about 1.5x as fast (benchmarks/RESULTS.md,
+"Generation, 2026-11-30"); at 1 row it is slower, and PyTorch's op only takes
+the packed layout for exactly the row count it was packed for.
 
 So packing is opt-in and narrow: `pack_for_rows(model, rows)` (the engine calls
 it with its max_batch) makes every such layer keep a packed copy, used when
@@ -20,9 +20,8 @@ or its version counter has moved (`load_state_dict`, most in-place updates). The
 fused AdamW step does not move that counter, so code that trains a model between
 generations builds a new engine each time (every caller here does): building one
 calls `pack_for_rows`, which drops the old copies. The copy costs one more
-weight's worth of memory per layer.
-Results equal F.linear's at that row count (MKL runs the same kernel either way;
-tests/test_linear.py checks it).
+weight's worth of memory per layer. Results match F.linear's to float32 rounding
+(tests/test_linear.py).
 """
 
 from __future__ import annotations
