@@ -70,6 +70,13 @@ def test_oversized_bodies_and_full_queues_are_refused(small_tokenizer):
     client, runner = client_with(small_tokenizer, max_body_bytes=200, max_waiting=0)
     try:
         assert complete(client, prompt="y" * 500).status_code == 413
+        json_type = {"content-type": "application/json"}
+        chunked = client.post("/v1/completions", content=iter([b'{"prompt": "', b"y" * 500, b'"}']), headers=json_type)
+        assert "content-length" not in chunked.request.headers  # sent chunked: only the bytes can tell
+        assert chunked.status_code == 413 and "larger than 200 bytes" in chunked.json()["error"]["message"]
+        small = client.post("/v1/completions", content=iter([b'{"prompt": "hi", ', b'"max_tokens": 2}']),
+                            headers=json_type)
+        assert small.status_code == 429  # under the cap it reached the handler whole, which found the queue full
         full = complete(client)
         assert full.status_code == 429 and "queue is full" in full.json()["error"]["message"]
     finally:

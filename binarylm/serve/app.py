@@ -176,7 +176,34 @@ class RequestGuard:
 
     async def __call__(self, scope, receive, send) -> None:
         refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is None and scope["type"] == "http" and _announced_length(scope) is None:
+            receive, refusal = await self._read_capped(receive)  # a chunked body: count its bytes as they come
         await (refusal or self.app)(scope, receive, send)
+
+    async def _read_capped(self, receive):
+        """Read a body that announced no length, up to the cap: (a `receive` that replays it, None), or
+        (receive, a 413 answer) as soon as it passes the cap."""
+        cap, parts, size = self.settings.max_body_bytes, [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away; the handler will see the disconnect
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            if size > cap:
+                return receive, _too_large(cap)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+
+        return replay, None
 
     def _refusal(self, scope) -> JSONResponse | None:
         """The error answer for a request that may not pass, or None (its identity then goes in scope["state"],
@@ -190,10 +217,9 @@ class RequestGuard:
         if settings.api_keys and key is None and not public:
             return JSONResponse(error_body("a valid API key is required: send 'Authorization: Bearer KEY'",
                                            "authentication_error", code="invalid_api_key"), status_code=401)
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > settings.max_body_bytes:
-            return JSONResponse(error_body(f"the request body is larger than {settings.max_body_bytes} bytes",
-                                           "invalid_request_error"), status_code=413)
+        length = _announced_length(scope)
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            return _too_large(settings.max_body_bytes)
         identity = key or (request.client.host if request.client else "unknown")
         wait = 0.0 if public else self.request_buckets.take(identity)
         if wait:
@@ -202,6 +228,16 @@ class RequestGuard:
                                 status_code=429, headers={"retry-after": str(max(1, round(wait)))})
         scope.setdefault("state", {})["identity"] = identity
         return None
+
+
+def _announced_length(scope) -> str | None:
+    """The Content-Length header's value, or None when the request has none (a chunked body, or no body)."""
+    return next((value.decode("latin-1") for name, value in scope["headers"] if name == b"content-length"), None)
+
+
+def _too_large(cap: int) -> JSONResponse:
+    return JSONResponse(error_body(f"the request body is larger than {cap} bytes", "invalid_request_error"),
+                        status_code=413)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

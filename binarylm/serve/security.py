@@ -9,7 +9,8 @@
   requests per minute, and one for tokens per minute (prompt + max_tokens x n, charged when the
   request arrives). A bucket of capacity C refills at C / 60 per second; an empty one answers
   429 with a Retry-After header.
-- Size caps: a request body over `max_body_bytes` is refused with 413 before it is read; the
+- Size caps: a request body over `max_body_bytes` is refused with 413, before it is read when its
+  Content-Length says so, and as soon as it passes the cap when it comes chunked with none; the
   engine's own check refuses a prompt plus max_tokens beyond the context (400), and a full
   waiting queue answers 429.
 """
