@@ -58,6 +58,14 @@ def test_a_seeded_request_samples_the_same_tokens_whatever_else_is_in_the_batch(
     assert different_seed[0].samples[0].token_ids != alone
 
 
+def test_generate_ids_and_the_engine_draw_the_same_tokens_from_the_same_seed():
+    model, prompt = model_of(), prompts_of(6)[0]
+    settings = dict(temperature=0.9, top_k=20, top_p=0.95)
+    engine = Engine(model, max_batch=2).generate([prompt], SamplingParams(**settings, seed=7, max_tokens=16))
+    generator = torch.Generator().manual_seed(7)  # what the engine does with seed 7 for sample 0
+    assert list(generate_ids(model, prompt, 16, **settings, generator=generator)) == engine[0].samples[0].token_ids
+
+
 def test_n_samples_share_one_prefill_and_equal_separate_requests_with_successive_seeds():
     model = model_of(seed=1)
     prompt = prompts_of(8)[0]

@@ -81,8 +81,10 @@ def sample_next(
 ) -> torch.Tensor:
     """One token id per row of `logits` (B, V); returns (B,) int64.
 
-    `generator` (on the logits' device) makes the draws reproducible; None uses
-    PyTorch's global random state.
+    The engine's draw (`sample_rows`) with one setting for every row, so a seeded
+    `generate` and a seeded engine request with the same settings pick the same
+    tokens. `generator` (on the logits' device) makes the draws reproducible;
+    None uses PyTorch's global random state.
     """
     check_sampling_args(temperature, top_k, top_p)
     if logits.dim() != 2:
@@ -90,12 +92,9 @@ def sample_next(
             f"sample_next expects logits of shape (batch, vocab), got {tuple(logits.shape)}; "
             "take the last position first, e.g. logits[:, -1, :]"
         )
-    if temperature == 0:
-        return torch.argmax(logits, dim=-1)  # (B,)
-    scaled = logits.float() / temperature  # (B, V)
-    scaled = apply_top_p(apply_top_k(scaled, top_k), top_p)  # (B, V)
-    probs = torch.softmax(scaled, dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+    rows = logits.shape[0]
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    return sample_rows(logits.float(), [params] * rows, [generator] * rows)  # (B,)
 
 
 # ------------------------------------------------------------------ per-request settings, in batches
