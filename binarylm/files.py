@@ -11,6 +11,17 @@ from pathlib import Path
 from typing import Any
 
 
+def _process_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+# Files are written with the permissions a plain open() would give them (0666 less the umask). Some writers
+# (safetensors' save_file) create theirs 0600, which a server running as another user could not read.
+FILE_MODE = 0o666 & ~_process_umask()
+
+
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, flush it to disk, then rename it over `path`."""
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
@@ -31,6 +42,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield temporary
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(temporary, FILE_MODE)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -55,6 +67,9 @@ def staged_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    for written in staging.rglob("*"):
+        if written.is_file():
+            os.chmod(written, FILE_MODE)
     if final.exists():
         trash = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, trash)

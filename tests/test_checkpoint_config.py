@@ -8,6 +8,7 @@ import torch
 from binarylm.checkpoint import load_checkpoint, load_train_state, save_checkpoint
 from binarylm.config import PRESETS, build_config, load_config, parse_overrides
 from binarylm.errors import BinaryLMError
+from binarylm.files import FILE_MODE
 from binarylm.model import Transformer
 from binarylm.tokenizer import train_bpe
 
@@ -34,6 +35,13 @@ def test_checkpoint_round_trips(saved):
     assert loaded.tokenizer.encode("def g(): pass") == tokenizer.encode("def g(): pass")
     assert load_train_state(path) == {"step": 7}
     assert sorted(p.name for p in run_dir.iterdir()) == ["ckpt-000007", "latest"]  # no temporary leftovers
+
+
+def test_checkpoint_files_get_the_permissions_a_plain_open_would(saved):
+    _, path, *_ = saved
+    modes = {f.name: f.stat().st_mode & 0o777 for f in path.iterdir() if f.is_file()}
+    assert "model.safetensors" in modes  # which safetensors itself would create 0600
+    assert set(modes.values()) == {FILE_MODE}, modes
 
 
 def test_missing_and_corrupt_checkpoints_are_clear_errors(saved, tmp_path):
