@@ -52,7 +52,11 @@ class ModelConfig:
     mlp: str = "gelu"  # gelu (GPT-2) | swiglu (Llama)
     position: str = "learned"  # learned | sinusoidal | rope
     rope_base: float = 10000.0  # RoPE's theta: wavelengths run from 2*pi to about 2*pi*base
-    rope_scaling: float = 1.0  # linear position interpolation: positions are divided by this factor
+    rope_scaling: float = 1.0  # the factor by which RoPE's frequencies are slowed (1: not at all)
+    rope_type: str = "linear"  # linear: every frequency / rope_scaling | llama3: only the slow ones (below)
+    rope_original_context: int = 0  # llama3: the context the model was trained at before scaling
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original / this are scaled whole
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original / this stay; between, a blend
     n_kv_heads: int = 0  # key/value heads; 0 means n_head (multi-head), 1 is multi-query, between is grouped
     sliding_window: int = 0  # each token attends to at most this many keys (itself included); 0 means all
     n_experts: int = 0  # mixture-of-experts feed-forward with this many experts; 0 means one dense MLP
@@ -87,6 +91,15 @@ class ModelConfig:
             raise BinaryLMError(f"rotary positions need an even head size; d_model / n_head is {self.head_dim}")
         if self.rope_base <= 0 or self.rope_scaling <= 0:
             raise BinaryLMError("model.rope_base and model.rope_scaling must be positive")
+        if self.rope_type not in ("linear", "llama3"):
+            raise BinaryLMError(f"model.rope_type must be linear or llama3; got {self.rope_type!r}")
+        if self.rope_type == "llama3" and not (
+                self.rope_original_context > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise BinaryLMError(
+                "llama3 rope scaling needs model.rope_original_context > 0 and 0 < model.rope_low_freq_factor < "
+                f"model.rope_high_freq_factor; got {self.rope_original_context}, {self.rope_low_freq_factor}, "
+                f"{self.rope_high_freq_factor} (Llama 3.1 uses 8192, 1 and 4)"
+            )
         if self.sliding_window < 0:
             raise BinaryLMError(f"model.sliding_window must be 0 (off) or positive, got {self.sliding_window}")
         if self.n_experts < 0 or (self.n_experts and not 1 <= self.n_experts_active <= self.n_experts):

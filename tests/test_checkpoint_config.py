@@ -115,6 +115,8 @@ def test_overrides_are_typed():
         ({"model.preset": "gpt5"}, "unknown model preset"),
         ({"model.d_model": "100", "model.n_head": "3"}, "divisible"),
         ({"train.dtype": "float16"}, "train.dtype must be one of"),
+        ({"model.rope_type": "yarn"}, "model.rope_type must be linear or llama3"),
+        ({"model.preset": "llama-tiny", "model.rope_type": "llama3"}, "llama3 rope scaling needs model.rope_original"),
     ],
 )
 def test_bad_settings_are_clear_errors(overrides, message):

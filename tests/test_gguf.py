@@ -333,6 +333,7 @@ def test_f16_export_halves_the_matrices_and_reads_back_closely(tokenizer, tmp_pa
     (dict(n_experts=2), "n_experts"),  # a mixture of experts
     (dict(norm="layernorm", mlp="gelu"), "model.norm"),  # rotary positions with LayerNorm: neither family
     (dict(sliding_window=8), "sliding_window"),  # llama.cpp's llama graph attends to everything
+    (dict(rope_type="llama3", rope_scaling=8.0, rope_original_context=32), "llama3 rope scaling"),  # rope_freqs
 ])
 def test_configs_llama_cpp_cannot_run_are_refused(overrides, option, tokenizer, tmp_path):
     model = Transformer(llama_config(tokenizer.vocab_size, **overrides))

@@ -36,6 +36,12 @@ def hf_models(vocab: int) -> dict:
                                                       rope_parameters={"rope_type": "linear", "factor": 2.0,
                                                                        "rope_theta": 10000.0}),
         "mistral-window": transformers.MistralConfig(**llama, num_key_value_heads=2, sliding_window=5),
+        # head_dim 16: wavelengths 6.3, 20, 63, 199, ... against 16 and 64, so every llama3 band is used
+        "llama-llama3": transformers.LlamaConfig(**{**llama, "hidden_size": 64, "intermediate_size": 96},
+                                                 rope_parameters={"rope_type": "llama3", "factor": 8.0,
+                                                                  "rope_theta": 10000.0, "low_freq_factor": 1.0,
+                                                                  "high_freq_factor": 4.0,
+                                                                  "original_max_position_embeddings": 64}),
     }
     model_classes = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
                      "mistral": transformers.MistralForCausalLM}
@@ -60,7 +66,7 @@ def our_logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama-gqa", "llama-mqa-tied", "llama-bias-scaled",
-                                  "mistral-window"])
+                                  "mistral-window", "llama-llama3"])
 def test_logits_match_transformers_in_both_directions(kind, tokenizer, tmp_path):
     theirs = hf_models(tokenizer.vocab_size)[kind]
     theirs.save_pretrained(tmp_path / "hf")

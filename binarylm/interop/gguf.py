@@ -237,6 +237,11 @@ def exportable_family(config: ModelConfig) -> str:
             f"cannot export to GGUF: model.sliding_window={config.sliding_window}, but llama.cpp's llama "
             "architecture attends to the whole context; export a model trained with model.sliding_window=0"
         )
+    if config.rope_type == "llama3":
+        raise BinaryLMError(
+            "cannot export to GGUF: llama3 rope scaling travels in llama.cpp as a rope_freqs tensor, which this "
+            "writer does not produce yet; convert to Hugging Face format (binarylm convert SOURCE DIR --to hf) instead"
+        )
     return family
 
 

@@ -131,26 +131,42 @@ def _llama_config(hf: dict, source: str) -> ModelConfig:
         raise BinaryLMError(f"{source}: activation {hf['hidden_act']!r} is not supported (SwiGLU uses silu)")
     if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
         raise BinaryLMError(f"{source}: attention_bias and mlp_bias differ; BinaryLM has one `bias` switch")
-    theta, scaling = _rope_settings(hf, source)
+    rope = _rope_settings(hf, source)
     return ModelConfig(
         vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
         n_head=heads, n_kv_heads=hf.get("num_key_value_heads") or heads, d_model=width,
         d_ff=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6), bias=bool(hf.get("attention_bias")),
         tie_embeddings=hf.get("tie_word_embeddings", False), norm="rmsnorm", mlp="swiglu", position="rope",
-        rope_base=float(theta), rope_scaling=float(scaling), sliding_window=hf.get("sliding_window") or 0,
-        dropout=0.0,
+        sliding_window=hf.get("sliding_window") or 0, dropout=0.0, **rope,
     )
 
 
-def _rope_settings(hf: dict, source: str) -> tuple[float, float]:
-    """(theta, linear factor) from transformers 5's `rope_parameters` or 4's `rope_theta` + `rope_scaling`."""
+def _rope_settings(hf: dict, source: str) -> dict:
+    """ModelConfig's rope fields from transformers 5's `rope_parameters` or 4's `rope_theta` + `rope_scaling`."""
     parameters = dict(hf.get("rope_scaling") or {})
     parameters.update(hf.get("rope_parameters") or {})
     kind = parameters.get("rope_type", parameters.get("type", "default"))
-    if kind not in ("default", "linear"):
-        raise BinaryLMError(f"{source}: rope scaling {kind!r} is not supported (BinaryLM has linear scaling only)")
-    theta = parameters.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return theta, parameters.get("factor", 1.0) if kind == "linear" else 1.0
+    if kind not in ("default", "linear", "llama3"):
+        raise BinaryLMError(f"{source}: rope scaling {kind!r} is not supported (BinaryLM has linear and llama3)")
+    rope = {"rope_base": float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind != "default":
+        rope.update(rope_type=kind, rope_scaling=float(parameters["factor"]))
+    if kind == "llama3":
+        rope.update(rope_original_context=int(parameters["original_max_position_embeddings"]),
+                    rope_low_freq_factor=float(parameters["low_freq_factor"]),
+                    rope_high_freq_factor=float(parameters["high_freq_factor"]))
+    return rope
+
+
+def _rope_parameters(config: ModelConfig) -> dict:
+    """transformers 5's `rope_parameters` for a BinaryLM ModelConfig."""
+    if config.rope_type == "llama3":
+        return {"rope_type": "llama3", "rope_theta": config.rope_base, "factor": config.rope_scaling,
+                "original_max_position_embeddings": config.rope_original_context,
+                "low_freq_factor": config.rope_low_freq_factor, "high_freq_factor": config.rope_high_freq_factor}
+    if config.rope_scaling != 1.0:
+        return {"rope_type": "linear", "rope_theta": config.rope_base, "factor": config.rope_scaling}
+    return {"rope_type": "default", "rope_theta": config.rope_base}
 
 
 def model_config_to_hf(config: ModelConfig, family: str, end_id: int | None = None) -> dict:
@@ -167,9 +183,6 @@ def model_config_to_hf(config: ModelConfig, family: str, end_id: int | None = No
             tie_word_embeddings=config.tie_embeddings, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
             dtype="float32",
         )
-    rope = {"rope_type": "default", "rope_theta": config.rope_base}
-    if config.rope_scaling != 1.0:
-        rope = {"rope_type": "linear", "rope_theta": config.rope_base, "factor": config.rope_scaling}
     names = ("MistralForCausalLM", "mistral") if config.sliding_window else ("LlamaForCausalLM", "llama")
     values = dict(
         **special, architectures=[names[0]], model_type=names[1], vocab_size=config.vocab_size,
@@ -177,7 +190,8 @@ def model_config_to_hf(config: ModelConfig, family: str, end_id: int | None = No
         num_attention_heads=config.n_head, num_key_value_heads=config.n_kv_heads, hidden_size=config.d_model,
         intermediate_size=config.d_ff, head_dim=config.head_dim, hidden_act="silu", rms_norm_eps=config.norm_eps,
         attention_bias=config.bias, mlp_bias=config.bias, tie_word_embeddings=config.tie_embeddings,
-        rope_theta=config.rope_base, rope_parameters=rope, attention_dropout=0.0, dtype="float32",
+        rope_theta=config.rope_base, rope_parameters=_rope_parameters(config), attention_dropout=0.0,
+        dtype="float32",
     )
     if config.sliding_window:
         values["sliding_window"] = config.sliding_window

@@ -17,6 +17,8 @@ when the weights are cast to bfloat16 and there is no buffer to save or move.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from binarylm.config import ModelConfig
@@ -31,15 +33,35 @@ def sinusoidal_positions(positions: torch.Tensor, d_model: int) -> torch.Tensor:
 def rotary_tables(positions: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin), each (..., T, head_dim) float32, for rotating queries and keys at `positions` (..., T).
 
-    Dimension pair i (i < head_dim / 2) turns by the angle position * base^(-2i / head_dim);
-    linear scaling divides every angle by `rope_scaling` (position interpolation), so a model
-    trained at context L reads positions up to L * rope_scaling.
-    The pairs are (x[i], x[i + head_dim / 2]): the "rotate half" layout of GPT-NeoX and
-    Hugging Face's Llama, so their weights load as they are.
+    Dimension pair i (i < head_dim / 2) turns by the angle position * frequency_i
+    (`rope_frequencies`). The pairs are (x[i], x[i + head_dim / 2]): the "rotate half" layout of
+    GPT-NeoX and Hugging Face's Llama, so their weights load as they are.
     """
-    angles = _angles(positions, config.head_dim, config.rope_base) / config.rope_scaling  # (..., T, head_dim / 2)
+    frequencies = rope_frequencies(config, positions.device)  # (head_dim / 2,)
+    angles = positions.to(torch.float32)[..., None] * frequencies  # (..., T, head_dim / 2)
     angles = torch.cat((angles, angles), dim=-1)  # (..., T, head_dim)
     return angles.cos(), angles.sin()
+
+
+def rope_frequencies(config: ModelConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(head_dim / 2,) float32: base^(-2i / head_dim), slowed by `rope_scaling` s.
+
+    linear (position interpolation): every frequency / s, so a model trained at context L reads
+    positions up to L * s.
+    llama3 (Llama 3.1): with L0 = rope_original_context, a pair whose wavelength 2 pi / f is
+    shorter than L0 / high_freq_factor keeps f (it resolves nearby tokens, which scaling would blur);
+    one longer than L0 / low_freq_factor gets f / s; in between, (1 - a) f / s + a f with
+    a = (L0 / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor).
+    """
+    exponents = torch.arange(0, config.head_dim, 2, device=device, dtype=torch.float32) / config.head_dim
+    frequencies = 1.0 / config.rope_base ** exponents  # (head_dim / 2,)
+    slowed = frequencies / config.rope_scaling
+    if config.rope_type == "linear":
+        return slowed
+    low, high, original = config.rope_low_freq_factor, config.rope_high_freq_factor, config.rope_original_context
+    wavelengths = 2 * math.pi / frequencies
+    blend = ((original / wavelengths - low) / (high - low)).clamp(0.0, 1.0)  # 0 for long waves, 1 for short ones
+    return (1 - blend) * slowed + blend * frequencies
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ def format_summary(config: ModelConfig, summary: dict) -> str:
     c = config
     shape = (f"{c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads ({c.n_kv_heads} KV), head size "
              f"{c.head_dim}, d_ff {c.d_ff}, vocab {c.vocab_size}, context {c.context_length}")
-    rope = f" (base {c.rope_base:g}" + (f", scaling {c.rope_scaling:g})" if c.rope_scaling != 1 else ")")
+    rope = f" (base {c.rope_base:g}" + (f", {c.rope_type} scaling {c.rope_scaling:g})" if c.rope_scaling != 1 else ")")
     options = (f"{c.norm}, {c.mlp}, {c.position} positions" + (rope if c.position == "rope" else "")
                + (f", sliding window {c.sliding_window}" if c.sliding_window else "")
                + (f", {c.n_experts} experts (top {c.n_experts_active})" if c.n_experts else "")
