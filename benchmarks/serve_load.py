@@ -118,7 +118,7 @@ class Target:
             events = self._raw_events(body) if self.http is None else self._httpx_events(body)
             async for data in events:
                 done = done or self._take(data, record)
-        except (OSError, httpx.HTTPError, RuntimeError) as error:
+        except (OSError, ValueError, httpx.HTTPError, RuntimeError) as error:  # ValueError: a garbled reply
             record.error = f"{type(error).__name__}: {error}"
         record.ended = time.perf_counter()
         if record.error is None and not done:
@@ -157,18 +157,32 @@ class Target:
             status = (await reader.readline()).split(b" ", 2)
             if len(status) < 2 or status[1] != b"200":
                 raise RuntimeError(f"status {status[1].decode() if len(status) > 1 else '?'}")
-            while await reader.readline() not in (b"\r\n", b""):  # the response headers
-                pass
+            headers = []
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                headers.append(line.lower())
+            chunked = any(h.startswith(b"transfer-encoding:") and b"chunked" in h for h in headers)
             pending = b""
-            while size := int((await reader.readline()).strip() or b"0", 16):  # chunked transfer encoding
-                pending += await reader.readexactly(size)
-                await reader.readexactly(2)  # the CRLF after each chunk
+            async for piece in (_chunks(reader) if chunked else _until_closed(reader)):
+                pending += piece
                 *events, pending = pending.split(b"\n\n")
                 for event in events:
                     if event.startswith(b"data: "):
                         yield event[6:].decode()
         finally:
             writer.close()
+
+
+async def _chunks(reader: asyncio.StreamReader):
+    """The pieces of a chunked transfer-encoded body: hex size line, data, CRLF; a size of 0 ends it."""
+    while size := int((await reader.readline()).split(b";")[0].strip() or b"0", 16):
+        yield await reader.readexactly(size)
+        await reader.readexactly(2)
+
+
+async def _until_closed(reader: asyncio.StreamReader):
+    """A body sent without chunking (through a buffering proxy, say): read until the server closes."""
+    while piece := await reader.read(65536):
+        yield piece
 
 
 def request_body(number: int, args) -> dict:

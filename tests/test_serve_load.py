@@ -65,3 +65,35 @@ def test_percentiles_are_nearest_rank_in_milliseconds():
         {"p50": 50.0, "p90": 90.0, "p99": 99.0})
     assert serve_load.percentiles([0.004])["p99"] == pytest.approx(4.0)
     assert serve_load.percentiles([]) == {"p50": None, "p90": None, "p99": None}
+
+
+def replying_with(raw: bytes):
+    """A one-shot HTTP server on a free loopback port that answers every request with `raw`, then closes."""
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    return handle
+
+
+def records_from(raw: bytes) -> list:
+    async def run():
+        server = await asyncio.start_server(replying_with(raw), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            target = serve_load.Target(f"http://127.0.0.1:{port}/v1", None, "raw")
+            return [await target.send({"prompt": "x"})]
+
+    return asyncio.run(run())
+
+
+def test_the_raw_client_reads_unchunked_streams_and_reports_garbled_ones():
+    events = b"".join(b'data: {"choices": [{"text": "%s", "finish_reason": null}]}\n\n' % t for t in (b"a", b"b"))
+    plain = records_from(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n" + events + b"data: [DONE]\n\n")
+    assert plain[0].error is None and plain[0].tokens == 2  # no chunking (a buffering proxy): read to the close
+    garbled = records_from(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nnot-hex\r\n")
+    assert garbled[0].error.startswith("ValueError")
+    cut = records_from(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n" + events)
+    assert cut[0].error == "the stream ended without data: [DONE]" and cut[0].tokens == 2
