@@ -31,10 +31,11 @@ How the matmul runs. Every quantized layer has a reference route that is
 obviously right, dequantize the weight then `F.linear`, used for checking, for
 gradients and on devices without a kernel. On CPU a PyTorch kernel reads the
 quantized weight directly; it is 5-50x faster than the reference, and decoding
-the "small" preset with it is 1.26x (int8) and 1.48x (int4) as fast as float32
-on 2 threads (benchmarks/quant_matmul.py; numbers in docs/quantization.md):
+the "small" preset with it is 1.1-1.3x (int8) and 1.3-1.5x (int4) as fast as
+float32 on 2 threads, depending on the host (benchmarks/generate.py; numbers in
+docs/quantization.md):
 
-* int8: `aten._weight_int8pack_mm(x, q, scales)` on our (out, in) int8 weight as
+* int8: `torch._weight_int8pack_mm(x, q, scales)` on our (out, in) int8 weight as
   it is. It is fast with bfloat16 activations and ~7x slower with float32 ones,
   so x is rounded to bfloat16 (8 significant bits, relative error <= 2^-9), the
   scales too, and the product comes back in bfloat16 before it is cast to x's
@@ -42,7 +43,7 @@ on 2 threads (benchmarks/quant_matmul.py; numbers in docs/quantization.md):
   ~0.7% on Gaussian weights; ~0.8% with the kernel). The kernel gives wrong
   results (or crashes) when `in` is not a multiple of 16, so such layers take
   the reference route.
-* int4: `aten._weight_int4pack_mm_for_cpu`, which wants its own tiled layout,
+* int4: `torch._weight_int4pack_mm_for_cpu`, which wants its own tiled layout,
   made once from ours at first use (`_convert_weight_to_int4pack_for_cpu`) and
   kept beside it: in memory on CPU an int4 layer then holds its codes twice (the
   file holds them once). It dequantizes as (q - 8) * scale + offset, so our
