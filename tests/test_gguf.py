@@ -1,5 +1,7 @@
 """GGUF export for llama.cpp: names, rotary layout, metadata and tokenizer, checked with the gguf package's reader."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from binarylm.interop.gguf import (
     SHAPE_KEYS,
     UNUSED_TOKEN,
     USER_DEFINED_TOKEN,
+    _with_frequency_factors,
     export_gguf,
     import_gguf,
     read_gguf,
@@ -51,6 +54,8 @@ CASES = {
     "llama": llama_config,
     "llama-untied": lambda vocab: llama_config(vocab, tie_embeddings=False),
     "llama-bias-scaled": lambda vocab: llama_config(vocab, bias=True, rope_scaling=2.0, rope_base=50000.0),
+    # head_dim 16: wavelengths 6.3, 20, 63, 199, ... against 16 and 64, so every llama3 band is used
+    "llama-llama3": lambda vocab: llama_config(vocab, rope_type="llama3", rope_scaling=8.0, rope_original_context=64),
 }
 
 
@@ -121,7 +126,25 @@ def expected_llama_cpp_tensors(model: Transformer) -> dict[str, np.ndarray]:
             expected[f"{theirs}.attn_q.{kind}"] = adjacent_pair_rows(q, config.n_head)
             expected[f"{theirs}.attn_k.{kind}"] = adjacent_pair_rows(k, config.n_kv_heads)
             expected[f"{theirs}.attn_v.{kind}"] = v
+    if config.rope_type == "llama3":
+        expected["rope_freqs.weight"] = llama3_divisors(config)
     return {name: tensor.numpy() for name, tensor in expected.items()}
+
+
+def llama3_divisors(config: ModelConfig) -> torch.Tensor:
+    """llama.cpp's rope_freqs for Llama 3.1 scaling, pair by pair, as its converter computes them."""
+    original, low, high = config.rope_original_context, config.rope_low_freq_factor, config.rope_high_freq_factor
+    divisors = []
+    for pair in range(config.head_dim // 2):
+        wavelength = 2 * math.pi * config.rope_base ** (2 * pair / config.head_dim)
+        if wavelength < original / high:
+            divisors.append(1.0)
+        elif wavelength > original / low:
+            divisors.append(config.rope_scaling)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / config.rope_scaling + smooth))
+    return torch.tensor(divisors)
 
 
 # ------------------------------------------------------------------ tensors
@@ -133,7 +156,10 @@ def test_every_tensor_is_stored_under_its_llama_cpp_name(exported):
     assert sorted(stored) == sorted(expected)
     for name, array in expected.items():
         assert stored[name].dtype == np.float32
-        np.testing.assert_array_equal(stored[name], array, err_msg=name)
+        if name == "rope_freqs.weight":  # computed here in float64, there in float32
+            np.testing.assert_allclose(stored[name], array, rtol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(stored[name], array, err_msg=name)
 
 
 def test_tensor_names_and_dims_are_those_llama_cpp_looks_up(exported):
@@ -151,16 +177,20 @@ def test_tensor_names_and_dims_are_those_llama_cpp_looks_up(exported):
         assert dims["position_embd.weight"] == [config.d_model, config.context_length]
 
 
-def rotate_adjacent_pairs(x: torch.Tensor, positions: torch.Tensor, base: float, scaling: float) -> torch.Tensor:
-    """llama.cpp's rotary embedding for the llama graph: dimensions (2i, 2i + 1) turn together. x: (T, D)."""
+def rotate_adjacent_pairs(x: torch.Tensor, positions: torch.Tensor, base: float, scaling: float,
+                          divisors: torch.Tensor | None = None) -> torch.Tensor:
+    """llama.cpp's rotary embedding for the llama graph: dimensions (2i, 2i + 1) turn together. x: (T, D).
+    `divisors` (D/2,): the file's rope_freqs, each pair's frequency divided by its own factor."""
     half = x.shape[-1] // 2
     angles = positions[:, None] / scaling * base ** (-torch.arange(half) * 2 / x.shape[-1])  # (T, D/2)
+    if divisors is not None:
+        angles = angles / divisors
     even, odd = x[:, 0::2], x[:, 1::2]
     turned = torch.stack((even * angles.cos() - odd * angles.sin(), even * angles.sin() + odd * angles.cos()), -1)
     return turned.flatten(1)
 
 
-@pytest.mark.parametrize("case", ["llama", "llama-bias-scaled"])
+@pytest.mark.parametrize("case", ["llama", "llama-bias-scaled", "llama-llama3"])
 def test_stored_rotary_pairs_give_the_same_attention_scores(case, tokenizer, tmp_path):
     """Our rotate-half attention on our rows equals llama.cpp's adjacent-pair attention on the stored rows."""
     model = random_model(CASES[case](tokenizer.vocab_size))
@@ -181,6 +211,9 @@ def test_stored_rotary_pairs_give_the_same_attention_scores(case, tokenizer, tmp
         rows = x @ torch.from_numpy(stored[f"blk.0.{name}.weight"][:D]).T
         if config.bias:
             rows = rows + torch.from_numpy(stored[f"blk.0.{name}.bias"][:D])
+        if config.rope_type == "llama3":  # the divisors travel as a tensor, nothing in the metadata
+            divisors = torch.from_numpy(stored["rope_freqs.weight"])
+            return rotate_adjacent_pairs(rows, positions, config.rope_base, 1.0, divisors)
         return rotate_adjacent_pairs(rows, positions, config.rope_base, config.rope_scaling)
 
     torch.testing.assert_close(theirs("attn_q") @ theirs("attn_k").T, ours_q @ ours_k.T)
@@ -292,7 +325,7 @@ def test_metadata_is_what_llama_cpp_reads(exported, tokenizer):
     if arch == "llama":
         assert metadata["llama.rope.dimension_count"] == config.head_dim
         assert metadata["llama.rope.freq_base"] == config.rope_base
-        scaled = config.rope_scaling != 1
+        scaled = config.rope_scaling != 1 and config.rope_type == "linear"
         assert metadata.get("llama.rope.scaling.type") == ("linear" if scaled else None)
         assert metadata.get("llama.rope.scaling.factor") == (config.rope_scaling if scaled else None)
 
@@ -333,12 +366,29 @@ def test_f16_export_halves_the_matrices_and_reads_back_closely(tokenizer, tmp_pa
     (dict(n_experts=2), "n_experts"),  # a mixture of experts
     (dict(norm="layernorm", mlp="gelu"), "model.norm"),  # rotary positions with LayerNorm: neither family
     (dict(sliding_window=8), "sliding_window"),  # llama.cpp's llama graph attends to everything
-    (dict(rope_type="llama3", rope_scaling=8.0, rope_original_context=32), "llama3 rope scaling"),  # rope_freqs
 ])
 def test_configs_llama_cpp_cannot_run_are_refused(overrides, option, tokenizer, tmp_path):
     model = Transformer(llama_config(tokenizer.vocab_size, **overrides))
     with pytest.raises(BinaryLMError, match=option):
         export_gguf(model, tokenizer, tmp_path / "model.gguf")
+
+
+def llama_3_1_shaped(**rope) -> ModelConfig:
+    """A config with Llama 3.1's rotary shape: head_dim 128, base 500000."""
+    return llama_config(100, d_model=512, n_head=4, n_kv_heads=4, rope_base=500000.0, **rope)
+
+
+@pytest.mark.parametrize("low, high, original", [(1.0, 4.0, 8192), (1.0, 2.0, 4096)])
+def test_llama_cpp_divisors_read_back_as_the_llama3_settings_that_made_them(low, high, original):
+    """A llama.cpp-made Llama 3.1 file holds only rope_freqs; the settings come back from its values."""
+    target = llama_3_1_shaped(rope_type="llama3", rope_scaling=8.0, rope_original_context=original,
+                              rope_low_freq_factor=low, rope_high_freq_factor=high)
+    assert _with_frequency_factors(llama_3_1_shaped(), llama3_divisors(target)) == target
+    linear = _with_frequency_factors(llama_3_1_shaped(), torch.full((64,), 2.0))
+    assert (linear.rope_type, linear.rope_scaling) == ("linear", 2.0)
+    for nonsense in (torch.linspace(1.0, 8.0, 64), torch.full((64,), 0.5), torch.ones(3)):
+        with pytest.raises(BinaryLMError, match="rope_freqs"):
+            _with_frequency_factors(llama_3_1_shaped(), nonsense)
 
 
 def test_an_unknown_dtype_is_refused(tokenizer, tmp_path):

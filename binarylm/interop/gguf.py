@@ -49,6 +49,8 @@ dequantize.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import warnings
 from pathlib import Path
@@ -61,6 +63,7 @@ from binarylm.errors import BinaryLMError
 from binarylm.files import atomic_path
 from binarylm.interop.families import FAMILIES, model_family
 from binarylm.model import Transformer
+from binarylm.model.positions import rope_frequencies
 from binarylm.tokenizer import ENDOFTEXT, GPT2_PATTERN, GPT4_PATTERN, IM_END, PAD, Tokenizer
 from binarylm.tokenizer.formats import byte_to_unicode
 
@@ -92,6 +95,7 @@ ROPE_DIMENSIONS_KEY = "{arch}.rope.dimension_count"
 ROPE_BASE_KEY = "{arch}.rope.freq_base"
 ROPE_SCALING_TYPE_KEY = "{arch}.rope.scaling.type"
 ROPE_SCALING_FACTOR_KEY = "{arch}.rope.scaling.factor"
+ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling: each rotary pair's frequency divisor, (head_dim / 2,)
 
 ARCHITECTURE_KEY = "general.architecture"
 TOKENIZER_MODEL_KEY = "tokenizer.ggml.model"
@@ -174,6 +178,8 @@ def to_gguf_tensors(state_dict: dict[str, torch.Tensor], config: ModelConfig) ->
     }
     if model_family(config) == "llama":
         tensors = _split_attention(tensors, config)
+    if config.rope_type == "llama3":
+        tensors[ROPE_FREQS] = rope_frequency_factors(config)
     return tensors
 
 
@@ -181,7 +187,7 @@ def from_gguf_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig) -> 
     """The inverse of `to_gguf_tensors`: a BinaryLM state dict (a tied head shares the token embedding)."""
     if model_family(config) == "llama":
         tensors = _fuse_attention(tensors, config)
-    state = {binarylm_name(name): tensor for name, tensor in tensors.items()}
+    state = {binarylm_name(name): tensor for name, tensor in tensors.items() if name != ROPE_FREQS}
     if config.tie_embeddings:
         state["lm_head.weight"] = state["token_embedding.weight"]
     return state
@@ -237,11 +243,6 @@ def exportable_family(config: ModelConfig) -> str:
             f"cannot export to GGUF: model.sliding_window={config.sliding_window}, but llama.cpp's llama "
             "architecture attends to the whole context; export a model trained with model.sliding_window=0"
         )
-    if config.rope_type == "llama3":
-        raise BinaryLMError(
-            "cannot export to GGUF: llama3 rope scaling travels in llama.cpp as a rope_freqs tensor, which this "
-            "writer does not produce yet; convert to Hugging Face format (binarylm convert SOURCE DIR --to hf) instead"
-        )
     return family
 
 
@@ -259,7 +260,7 @@ def model_metadata(config: ModelConfig, dtype: str = "f32", name: str = "binaryl
     if arch == "llama":
         values[ROPE_DIMENSIONS_KEY.format(arch=arch)] = config.head_dim
         values[ROPE_BASE_KEY.format(arch=arch)] = float(config.rope_base)
-        if config.rope_scaling != 1:
+        if config.rope_scaling != 1 and config.rope_type == "linear":  # llama3's travels as rope_freqs
             values[ROPE_SCALING_TYPE_KEY.format(arch=arch)] = "linear"
             values[ROPE_SCALING_FACTOR_KEY.format(arch=arch)] = float(config.rope_scaling)
     return values
@@ -401,7 +402,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Ten
     tensors = {tensor.name: _dequantized(tensor, path) for tensor in reader.tensors}
     del reader  # closes the memory map; every tensor above is a copy
     try:
-        config = config_from_metadata(metadata, set(tensors))
+        config = config_from_metadata(metadata, set(tensors), tensors.get(ROPE_FREQS))
         _check_tensors(tensors, config)
         return config, from_gguf_tensors(tensors, config), tokenizer_from_metadata(metadata)
     except BinaryLMError as exc:
@@ -449,8 +450,10 @@ def _dequantized(tensor, path: Path) -> torch.Tensor:
     return torch.tensor(array, dtype=torch.float32)  # a copy, off the memory map
 
 
-def config_from_metadata(metadata: dict[str, object], tensor_names: set[str]) -> ModelConfig:
-    """The ModelConfig a file's metadata describes (bias and tied head are read off which tensors exist)."""
+def config_from_metadata(metadata: dict[str, object], tensor_names: set[str],
+                         rope_freqs: torch.Tensor | None = None) -> ModelConfig:
+    """The ModelConfig a file's metadata describes (bias and tied head are read off which tensors exist;
+    llama3 rope scaling off the `rope_freqs` tensor's values)."""
     arch = metadata.get(ARCHITECTURE_KEY)
     if arch not in FAMILIES:
         raise BinaryLMError(
@@ -465,6 +468,8 @@ def config_from_metadata(metadata: dict[str, object], tensor_names: set[str]) ->
                       rope_scaling=_rope_scaling(metadata, arch))
     config = ModelConfig(**fields)
     config.validate()
+    if arch == "llama" and rope_freqs is not None:
+        config = _with_frequency_factors(config, rope_freqs)
     if arch == "llama" and value(ROPE_DIMENSIONS_KEY) != config.head_dim:
         raise BinaryLMError(
             f"rotary positions cover {value(ROPE_DIMENSIONS_KEY)} of each head's {config.head_dim} dimensions; "
@@ -480,6 +485,58 @@ def _rope_scaling(metadata: dict[str, object], arch: str) -> float:
     if kind != "linear":
         raise BinaryLMError(f"rotary scaling of type {kind!r} is not supported; BinaryLM has linear scaling only")
     return metadata.get(ROPE_SCALING_FACTOR_KEY.format(arch=arch), 1.0)
+
+
+def rope_frequency_factors(config: ModelConfig) -> torch.Tensor:
+    """(head_dim / 2,) llama.cpp's `rope_freqs`: what each rotary pair's frequency is divided by."""
+    unscaled = dataclasses.replace(config, rope_type="linear", rope_scaling=1.0)
+    return rope_frequencies(unscaled) / rope_frequencies(config)
+
+
+def _with_frequency_factors(config: ModelConfig, factors: torch.Tensor) -> ModelConfig:
+    """`config` with the rope fields that give these per-pair divisors (Llama 3.1's rule), or an error.
+
+    With s the largest divisor, a = (1/factor - 1/s) / (1 - 1/s) is 1 for a pair left alone, 0 for one
+    divided by s, and for a pair in between equals (x - low / L0) / ((high - low) / L0), x = 1 / wavelength:
+    a line in x, fitted to those pairs (or pinned to the band edges when fewer than two lie between).
+    """
+    unscaled = dataclasses.replace(config, rope_type="linear", rope_scaling=1.0)
+    x = rope_frequencies(unscaled).double() / (2 * math.pi)  # (head_dim / 2,) 1 / wavelength
+    factors = factors.double().flatten()
+    scale = factors.max().item()
+    if factors.shape != x.shape or factors.min().item() < 1 - 1e-6:
+        raise BinaryLMError(f"rope_freqs holds {tuple(factors.shape)} values, some below 1; BinaryLM reads "
+                            f"Llama 3.1-style divisors, one per rotary pair ({x.numel()})")
+    if scale < 1 + 1e-6:
+        return config
+    blend = (1 / factors - 1 / scale) / (1 - 1 / scale)
+    between = (blend > 1e-4) & (blend < 1 - 1e-4)
+    if not between.any() and (blend < 1e-4).all():
+        return _checked(config, factors, rope_scaling=round(scale, 4))  # every pair slowed alike: linear
+    if between.sum() >= 2:
+        slope, intercept = np.polyfit(x[between].numpy(), blend[between].numpy(), 1)
+        low_x, high_x = -intercept / slope, (1 - intercept) / slope
+    else:
+        slowed, kept = x[blend <= 1e-4], x[blend >= 1 - 1e-4]
+        low_x = slowed.max().item() if slowed.numel() else x.min().item() / 2
+        high_x = low_x + (x[between] - low_x).item() / blend[between].item() if between.any() else kept.min().item()
+    original = max(1, round(1 / low_x))
+    return _checked(config, factors, rope_type="llama3", rope_scaling=round(scale, 4), rope_original_context=original,
+                    rope_low_freq_factor=round(low_x * original, 4), rope_high_freq_factor=round(high_x * original, 4))
+
+
+def _checked(config: ModelConfig, factors: torch.Tensor, **rope) -> ModelConfig:
+    """`config` with `rope`, if that reproduces the stored divisors; otherwise an error saying so."""
+    try:
+        fitted = dataclasses.replace(config, **rope)
+        fitted.validate()
+        agrees = torch.allclose(rope_frequency_factors(fitted).double(), factors, rtol=1e-3)
+    except BinaryLMError:
+        agrees = False
+    if not agrees:
+        raise BinaryLMError("the rope_freqs tensor does not follow Llama 3.1's rope scaling rule (nor linear "
+                            "scaling), the only per-frequency scaling BinaryLM has")
+    return fitted
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], config: ModelConfig) -> None:
