@@ -40,6 +40,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -69,8 +70,13 @@ def start_server(args) -> tuple[subprocess.Popen, int]:
     command = [sys.executable, "-m", "binarylm.cli", "serve", "-c", args.checkpoint, "--port", str(port),
                "--max-batch", str(args.clients)]
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    server = subprocess.Popen(command, stderr=subprocess.DEVNULL, env=environment)
+    log = tempfile.TemporaryFile()  # the server's stderr: shown if it fails to start, never a full pipe
+    server = subprocess.Popen(command, stderr=log, env=environment)
     for _ in range(600):
+        if server.poll() is not None:
+            log.seek(0)
+            said = log.read().decode(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"the server exited with status {server.returncode}: " + " / ".join(said))
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
                 return server, port
@@ -318,7 +324,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     server = None
     if args.url is None:
-        server, port = start_server(args)
+        try:
+            server, port = start_server(args)
+        except RuntimeError as error:
+            sys.exit(f"serve_load.py: {error}")
     try:
         figures = measure(args, args.url or f"http://127.0.0.1:{port}/v1")
     finally:
