@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from binarylm.config import PRESETS, ModelConfig
 from binarylm.errors import BinaryLMError
-from binarylm.interop.hf import export_hf, import_hf
+from binarylm.interop.hf import export_hf, import_hf, model_config_from_hf
 from binarylm.model import Transformer
 from binarylm.tokenizer import save_hf, train_bpe
 
@@ -147,6 +147,10 @@ def test_unsupported_options_and_missing_files_are_clear(gpt2_dir, tokenizer, tm
     with pytest.raises(BinaryLMError, match="activation 'relu' is not supported"):
         import_hf(gpt2_dir)
     rewrite_config(gpt2_dir, activation_function="gelu_new")
+    llama = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, architectures=["LlamaForCausalLM"]).to_dict()
+    with pytest.raises(BinaryLMError, match="rope scaling 'llama3' needs 'original_max_position_embeddings'"):
+        model_config_from_hf({**llama, "rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "x")
     (gpt2_dir / "model.safetensors").unlink()
     with pytest.raises(BinaryLMError, match="model.safetensors does not exist"):
         import_hf(gpt2_dir)

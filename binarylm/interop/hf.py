@@ -148,13 +148,17 @@ def _rope_settings(hf: dict, source: str) -> dict:
     kind = parameters.get("rope_type", parameters.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
         raise BinaryLMError(f"{source}: rope scaling {kind!r} is not supported (BinaryLM has linear and llama3)")
+    def setting(key: str) -> float:
+        if key not in parameters:
+            raise BinaryLMError(f"{source}: rope scaling {kind!r} needs {key!r} in rope_parameters (or rope_scaling)")
+        return float(parameters[key])
+
     rope = {"rope_base": float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))}
     if kind != "default":
-        rope.update(rope_type=kind, rope_scaling=float(parameters["factor"]))
+        rope.update(rope_type=kind, rope_scaling=setting("factor"))
     if kind == "llama3":
-        rope.update(rope_original_context=int(parameters["original_max_position_embeddings"]),
-                    rope_low_freq_factor=float(parameters["low_freq_factor"]),
-                    rope_high_freq_factor=float(parameters["high_freq_factor"]))
+        rope.update(rope_original_context=int(setting("original_max_position_embeddings")),
+                    rope_low_freq_factor=setting("low_freq_factor"), rope_high_freq_factor=setting("high_freq_factor"))
     return rope
 
 
