@@ -78,6 +78,13 @@ def test_other_row_counts_gradients_and_other_dtypes_take_the_plain_route():
     assert not used_packing(layer)
 
 
+def test_a_model_too_big_to_copy_on_this_machine_is_not_packed(monkeypatch):
+    model = Transformer(ModelConfig(vocab_size=61, context_length=32, n_layer=1, n_head=2, d_model=16))
+    monkeypatch.setattr("binarylm.model.linear.physical_memory", lambda: 4 * 1024)  # a 4 KiB machine
+    assert pack_for_rows(model, 4) == 0
+    assert all(m.packed_rows == 0 for m in model.modules() if isinstance(m, Linear))
+
+
 def test_packing_can_be_turned_off_and_a_model_without_mkl_reports_no_packed_layers():
     model = Transformer(ModelConfig(vocab_size=61, context_length=32, n_layer=1, n_head=2, d_model=16))
     expected = 5 if packing_available() else 0  # qkv, proj, up, down and the head

@@ -20,13 +20,15 @@ or its version counter has moved (`load_state_dict`, most in-place updates). The
 fused AdamW step does not move that counter, so code that trains a model between
 generations builds a new engine each time (every caller here does): building one
 calls `pack_for_rows`, which drops the old copies. The copy costs one more
-weight's worth of memory per layer. Results match F.linear's to float32 rounding
+weight's worth of memory per layer, so a model whose copies would take more than a
+quarter of the machine's memory is not packed. Results match F.linear's to float32 rounding
 (tests/test_linear.py).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -61,14 +63,29 @@ def packing_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
+MEMORY_SHARE = 0.25  # the packed copies may take at most this share of the machine's memory
+
+
 def pack_for_rows(model: nn.Module, rows: int) -> int:
     """Make every float32 CPU `Linear` in `model` keep a packed weight for `rows`-row inputs (0 turns it off).
-    Returns how many layers will pack; none where MKL's ops are missing."""
+    Returns how many layers will pack: none where MKL's ops are missing, or where the copies would take
+    more than MEMORY_SHARE of the machine's memory (a large model then runs F.linear, as before)."""
     if rows and not packing_available():
         return 0
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.weight.device.type == "cpu"
               and m.weight.dtype == torch.float32]
+    copy_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    if rows and copy_bytes > MEMORY_SHARE * (physical_memory() or float("inf")):
+        rows = 0
     for layer in layers:
         layer.packed_rows = rows
         layer._packed_key = None  # made again at the next call: the weights may have changed since
     return len(layers) if rows else 0
+
+
+def physical_memory() -> int:
+    """Bytes of memory on this machine, or 0 where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return 0
