@@ -8,7 +8,8 @@ On one trained checkpoint (by default the `small` preset: 6 layers, d_model 384,
 2. batch-1 decode tokens/s of our engine with fp32, int8 and int4 weights (and PyTorch's
    dynamic int8 for comparison), plus time to first token (the prefill of the prompt).
 3. aggregate tokens/s with continuous batching at max_batch 1, 8 and 32: 4 x max_batch requests
-   (at least 8) with prompts and budgets of different lengths, all submitted at once.
+   (at least 8) with prompts and budgets of different lengths, all submitted at once; max_batch 32
+   also without the engine's packed weights, for what they bring.
 4. bits per byte of each quantized model next to fp32 on the run's held-out text.
 
 Every timing is the median of --repeats runs, each contestant measured in turn so they share
@@ -133,9 +134,10 @@ def quantized(model, scheme: str):
 # ------------------------------------------------------------------ 3. continuous batching
 
 
-def aggregate_rate(model, tokenizer, max_batch: int, args) -> float:
+def aggregate_rate(model, tokenizer, max_batch: int, args, pack_weights: bool = True) -> float:
     """Generated tokens per second over 4 x max_batch (at least 8) requests of mixed lengths, all submitted at once,
-    so the batch stays full most of the time (it drains at the end)."""
+    so the batch stays full most of the time (it drains at the end). `pack_weights`: the engine's MKL-packed
+    weights for full steps (model/linear.py), on by default as in the engine."""
     count = max(8, 4 * max_batch)
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, tokenizer.vocab_size - 10, (int(n),), generator=generator).tolist()
@@ -143,7 +145,7 @@ def aggregate_rate(model, tokenizer, max_batch: int, args) -> float:
     budgets = [int(n) for n in torch.randint(args.new_tokens // 2, args.new_tokens + 1, (count,),
                                              generator=generator)]
     params = [SamplingParams(temperature=0, max_tokens=b, ignore_eos=True) for b in budgets]
-    engine = Engine(model, tokenizer, max_batch=max_batch)
+    engine = Engine(model, tokenizer, max_batch=max_batch, pack_weights=pack_weights)
     seconds = median_seconds(lambda: engine.generate(prompts, params), args.repeats)
     return sum(budgets) / seconds
 
@@ -201,6 +203,10 @@ def main() -> None:
     one = figures["aggregate_tokens_per_s"][1]
     for batch, rate in figures["aggregate_tokens_per_s"].items():
         print(f"continuous batching, max_batch {batch:>2}: {rate:8.1f} tok/s ({rate / one:.2f}x batch 1)")
+    unpacked = aggregate_rate(model, tokenizer, 32, args, pack_weights=False)
+    figures["aggregate_32_unpacked_tokens_per_s"] = unpacked
+    print(f"continuous batching, max_batch 32 without packed weights: {unpacked:8.1f} tok/s "
+          f"(packed: {figures['aggregate_tokens_per_s'][32] / unpacked:.2f}x)")
     print(json.dumps(figures))
 
 

@@ -11,8 +11,9 @@ For each request the client records when it was sent, when each token's chunk ar
 it failed (a status other than 200, a transport error, an in-band error chunk, or no `data: [DONE]`).
 Reported per run: time to first token (TTFT), time per output token after the first (TPOT),
 inter-token latency (ITL, every gap between chunks) and end-to-end latency, each at p50/p90/p99;
-requests and generated tokens per second; errors; and the load generator's own CPU seconds (on a
-small machine it shares the cores with the server).
+requests and generated tokens per second; errors; the load generator's own CPU seconds (on a
+small machine it shares the cores with the server); and, for a server it started, the CPU seconds of
+the server's event loop and of its other (engine) threads.
 
 Without --rate or --duration the default run is the serving issue's comparison: one client, then
 --clients concurrent clients, then the same requests through `Engine.generate` with no HTTP; it
@@ -272,7 +273,9 @@ def describe(name: str, figures: dict) -> str:
             f"{figures['requests_per_s']:.2f} req/s, "
             f"{figures['errors']} errors of {figures['requests']}; ms p50/p90/p99: TTFT {trio('ttft_ms')}, "
             f"TPOT {trio('tpot_ms')}, ITL {trio('itl_ms')}, end-to-end {trio('e2e_ms')}; "
-            f"load generator CPU {figures['load_generator_cpu_s']:.2f} s in {figures['seconds']:.2f} s")
+            f"load generator CPU {figures['load_generator_cpu_s']:.2f} s in {figures['seconds']:.2f} s"
+            + ("; server CPU: event loop {event_loop:.2f} s, other threads {other_threads:.2f} s".format(
+                **figures["server_cpu_s"]) if "server_cpu_s" in figures else ""))
 
 
 def direct(saved, args) -> float:
@@ -289,9 +292,26 @@ def direct(saved, args) -> float:
 # ------------------------------------------------------------------ the run
 
 
-def measure(args, url: str) -> dict:
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid`, by thread id, from /proc; {} elsewhere."""
+    seconds = {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return {}
+    return seconds
+
+
+def measure(args, url: str, server_pid: int | None = None) -> dict:
     def run(clients: int | None) -> dict:
-        return summary(*asyncio.run(run_load(Target(url, args.api_key, args.client), args, clients)))
+        before = thread_cpu_seconds(server_pid) if server_pid else {}
+        figures = summary(*asyncio.run(run_load(Target(url, args.api_key, args.client), args, clients)))
+        if before:  # the server's main thread runs its event loop; the others are the engine's
+            spent = {tid: cpu - before.get(tid, 0.0) for tid, cpu in thread_cpu_seconds(server_pid).items()}
+            figures["server_cpu_s"] = {"event_loop": spent.pop(server_pid, 0.0), "other_threads": sum(spent.values())}
+        return figures
 
     if args.rate or args.duration:
         name = f"{args.rate} requests/s" if args.rate else f"{args.clients} concurrent clients"
@@ -329,7 +349,7 @@ def main() -> None:
         except RuntimeError as error:
             sys.exit(f"serve_load.py: {error}")
     try:
-        figures = measure(args, args.url or f"http://127.0.0.1:{port}/v1")
+        figures = measure(args, args.url or f"http://127.0.0.1:{port}/v1", server.pid if server else None)
     finally:
         if server is not None:
             server.terminate()
